@@ -1,0 +1,124 @@
+"""The HTTP endpoints: submit a job, follow its events, read its status, health."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import ValidationError
+from rq import Worker
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared.spec import InferenceRequest
+
+from .errors import ApiError
+
+JOB_ID_CHARS = frozenset("0123456789abcdef")
+
+
+async def read_json_body(request: Request, limit: int) -> object:
+    """The body parsed as JSON, refusing more than ``limit`` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, "BODY_TOO_LARGE", f"request bodies are limited to {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "BODY_TOO_LARGE", f"request bodies are limited to {limit} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "INVALID_JSON", f"the body is not valid JSON: {e}") from e
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    details = [
+        {"field": ".".join(str(p) for p in err["loc"]) or None, "message": err["msg"]}
+        for err in e.errors(include_url=False, include_input=False)
+    ]
+    summary = "; ".join(f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details)
+    return ApiError(422, "INVALID_REQUEST", summary, details)
+
+
+def job_urls(job_id: str) -> dict[str, str]:
+    return {"sse_url": f"/v1/inference/{job_id}/stream", "status_url": f"/v1/inference/{job_id}"}
+
+
+def checked_job_id(request: Request) -> str:
+    job_id = request.path_params["job_id"]
+    if len(job_id) != 32 or not JOB_ID_CHARS.issuperset(job_id):
+        raise ApiError(404, "JOB_NOT_FOUND", "no such job")
+    return job_id
+
+
+async def submit_inference(request: Request) -> Response:
+    hive = request.app.state.hive
+    body = await read_json_body(request, hive.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
+    try:
+        spec = InferenceRequest.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from e
+    job_id, position = await hive.jobs.submit(spec)
+    urls = job_urls(job_id)
+    return JSONResponse(
+        {"job_id": job_id, "state": "queued", "position": position, **urls},
+        status_code=202,
+        headers={"Location": urls["status_url"]},
+    )
+
+
+async def job_status(request: Request) -> Response:
+    job_id = checked_job_id(request)
+    status = await request.app.state.hive.jobs.status(job_id)
+    if status is None:
+        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    return JSONResponse(status)
+
+
+def last_event_id(request: Request) -> int:
+    """Where a reconnecting client left off: the ``Last-Event-ID`` header (what
+    EventSource sends), or ``?last_event_id=`` for clients that cannot set headers."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id") or "0"
+    if not raw.strip().isdigit() or len(raw) > 12:
+        raise ApiError(400, "INVALID_LAST_EVENT_ID", "Last-Event-ID must be an event id this stream sent")
+    return int(raw)
+
+
+async def job_stream(request: Request) -> Response:
+    job_id = checked_job_id(request)
+    hive = request.app.state.hive
+    after = last_event_id(request)
+    if not await hive.jobs.exists(job_id):
+        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    return EventSourceResponse(
+        hive.relay.follow(job_id, after),
+        ping=hive.settings.sse_ping_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def health(request: Request) -> Response:
+    hive = request.app.state.hive
+    try:
+        await hive.jobs.redis.ping()
+        workers = await run_in_threadpool(Worker.count, queue=hive.jobs.queue)
+        depth = await run_in_threadpool(lambda: hive.jobs.queue.count)
+    except Exception as e:  # health reports, it does not raise
+        return JSONResponse({"status": "unavailable", "redis": f"error: {type(e).__name__}: {e}"}, status_code=503)
+    return JSONResponse(
+        {"status": "ok", "redis": "ok", "workers": workers, "queue_depth": depth, "followers": hive.relay.followers}
+    )
+
+
+routes = [
+    Route("/health", health, methods=["GET"]),
+    Route("/v1/inference", submit_inference, methods=["POST"]),
+    Route("/v1/inference/{job_id}", job_status, methods=["GET"]),
+    Route("/v1/inference/{job_id}/stream", job_stream, methods=["GET"]),
+]

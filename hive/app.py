@@ -1,0 +1,57 @@
+"""The hive application: Starlette, one Redis client pair and one event relay per process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from shared.settings import Settings
+
+from .api import routes
+from .errors import EXCEPTION_HANDLERS
+from .jobs import JobService
+from .relay import EventRelay
+
+log = logging.getLogger("hive")
+
+
+@dataclass
+class Hive:
+    """What the endpoints share, on ``app.state.hive``."""
+
+    settings: Settings
+    jobs: JobService
+    relay: EventRelay
+
+
+def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
+    """``hub_root``: serve the model folders under it as a hub endpoint at ``/hub``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        connection = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        sync_connection = redis.Redis.from_url(settings.redis_url)
+        relay = EventRelay(aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
+        await relay.start()
+        app.state.hive = Hive(settings, JobService(settings, connection, sync_connection), relay)
+        log.info("hive ready: %r", settings)
+        try:
+            yield
+        finally:
+            await relay.stop()
+            await connection.aclose()
+            sync_connection.close()
+
+    hub_routes = []
+    if hub_root is not None:
+        from .hub_mirror import HubMirror
+
+        hub_routes = [Mount("/hub", app=HubMirror(hub_root).app())]
+    return Starlette(routes=[*routes, *hub_routes], exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -1,0 +1,130 @@
+"""The ``hive`` command: serve, worker, up, run.
+
+Every option has a ``HIVE_*`` environment variable; the command line wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Optional
+
+import typer
+
+from shared import keys
+from shared.settings import DEFAULT_PORT, DEMO_MODEL, Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hive: LLM inference jobs on GPU workers, streamed over SSE.")
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="HIVE_REDIS_URL", help="Redis holding the queue and events.")]
+Host = Annotated[str, typer.Option(envvar="HIVE_HOST", help="Interface to bind.")]
+Port = Annotated[int, typer.Option(envvar="HIVE_PORT", min=1, max=65535, help="Port to bind.")]
+Queue = Annotated[str, typer.Option(envvar="HIVE_QUEUE", help="RQ queue for inference jobs.")]
+Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+LogLevel = Annotated[str, typer.Option(envvar="HIVE_LOG_LEVEL", help="debug, info, warning or error.")]
+HiveUrl = Annotated[str, typer.Option("--url", envvar="HIVE_URL", help="The hive to talk to.")]
+
+
+def _logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    redis_url: RedisUrl = DEFAULT_REDIS,
+    host: Host = "127.0.0.1",
+    port: Port = DEFAULT_PORT,
+    queue: Queue = keys.DEFAULT_QUEUE,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the HTTP API and SSE relay."""
+    import uvicorn
+
+    from .app import create_app
+
+    _logging(log_level)
+    settings = Settings(redis_url=redis_url, host=host, port=port, queue=queue)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+
+
+@app.command()
+def worker(
+    redis_url: RedisUrl = DEFAULT_REDIS,
+    device: Device = "auto",
+    queue: Queue = keys.DEFAULT_QUEUE,
+    dtype: Annotated[str, typer.Option(envvar="HIVE_DTYPE", help="auto, float32, bfloat16 or float16.")] = "auto",
+    name: Annotated[str, typer.Option(envvar="HIVE_WORKER_NAME", help="Worker name (default host:device:pid).")] = "",
+    token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token (demos, tests).")] = 0.0,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a worker: one long-lived process per device that keeps models loaded."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    _logging(log_level)
+    from worker.main import run_worker
+
+    run_worker(Settings(redis_url=redis_url, device=device, queue=queue, dtype=dtype, worker_name=name, token_delay_ms=token_delay_ms))
+
+
+def _prompt_body(prompt: str, model: str, max_tokens: int, temperature: float, seed: Optional[int], stop: list[str]) -> dict:
+    body: dict = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+    if seed is not None:
+        body["seed"] = seed
+    if stop:
+        body["stop"] = stop
+    return body
+
+
+Model = Annotated[str, typer.Option(envvar="HIVE_DEFAULT_MODEL", help="Hub repo id (org/name).")]
+MaxTokens = Annotated[int, typer.Option(min=1, max=4096)]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 is greedy.")]
+Seed = Annotated[Optional[int], typer.Option(min=0, help="Same seed, same output.")]
+Stop = Annotated[list[str], typer.Option(help="Stop sequence (repeatable).")]
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    url: HiveUrl = DEFAULT_URL,
+    model: Model = DEMO_MODEL,
+    max_tokens: MaxTokens = 64,
+    temperature: Temperature = 1.0,
+    seed: Seed = None,
+    stop: Stop = [],
+) -> None:
+    """Submit a prompt, show download and loading progress, print tokens as they arrive."""
+    from .client import run_prompt
+
+    raise typer.Exit(run_prompt(url, _prompt_body(prompt, model, max_tokens, temperature, seed, stop)))
+
+
+@app.command()
+def up(
+    prompt: Annotated[Optional[str], typer.Option("--run", help="Answer this prompt, then stop.")] = None,
+    host: Host = "127.0.0.1",
+    port: Port = DEFAULT_PORT,
+    device: Device = "auto",
+    model: Model = DEMO_MODEL,
+    max_tokens: MaxTokens = 64,
+    temperature: Temperature = 1.0,
+    seed: Seed = None,
+    hf_endpoint: Annotated[Optional[str], typer.Option(help="Hub for the worker (default: the hive's built-in /hub with the demo model).")] = None,
+    token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token.")] = 0.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the hive's and worker's logs.")] = False,
+) -> None:
+    """Redis, the hive and one worker on this machine, in the foreground. No GPU, Redis or network needed."""
+    from .embedded import run_up
+
+    _logging("info" if verbose else "warning")
+    settings = Settings(host=host, port=port, device=device, token_delay_ms=token_delay_ms)
+    body = _prompt_body(prompt, model, max_tokens, temperature, seed, []) if prompt is not None else None
+    raise typer.Exit(run_up(settings, hf_endpoint, body, verbose))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,183 @@
+"""``hive up``: Redis, the hive and one worker on one machine, in the foreground.
+
+Works on a fresh machine: a ``redis-server`` on PATH when there is one, otherwise
+fakeredis' in-memory TCP server; the built-in demo model served by the hive's own
+hub endpoint (``/hub``), so the worker downloads it with the real hub client and
+no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import redis
+from rich.console import Console
+
+from shared.settings import Settings
+
+log = logging.getLogger("hive.up")
+
+DEMO_MODELS = Path(__file__).parent / "demo_models"
+START_TIMEOUT_S = 120.0
+
+
+class StartupError(Exception):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_for_redis(url: str, process: subprocess.Popen | None) -> None:
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if process is not None and process.poll() is not None:
+                raise StartupError(f"redis-server exited with code {process.returncode}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"redis at {url} did not answer within 10 s")
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def embedded_redis(console: Console) -> Iterator[str]:
+    """A private Redis for this run: redis-server when installed, else fakeredis."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    exe = shutil.which("redis-server")
+    if exe:
+        process = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_redis(url, process)
+            console.print(f"[dim]redis: {exe} on port {port}[/]")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)
+        return
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
+    thread.start()
+    try:
+        _wait_for_redis(url, None)
+        console.print(f"[dim]redis: no redis-server on PATH; embedded in-memory Redis (fakeredis) on port {port}[/]")
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def start_worker(settings: Settings, hf_endpoint: str, verbose: bool) -> subprocess.Popen:
+    env = {**os.environ, "HF_ENDPOINT": hf_endpoint, "HIVE_REDIS_URL": settings.redis_url}
+    command = [sys.executable, "-m", "hive", "worker", "--device", settings.device, "--queue", settings.queue]
+    if settings.token_delay_ms:
+        command += ["--token-delay-ms", str(settings.token_delay_ms)]
+    if not verbose:
+        command += ["--log-level", "warning"]
+    return subprocess.Popen(command, env=env)
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_ready(url: str, worker: subprocess.Popen, console: Console) -> None:
+    """Until /health reports a worker (the worker imports torch first: seconds)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with console.status("starting the worker…"), httpx.Client(base_url=url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise StartupError(f"the worker exited with code {worker.returncode} while starting")
+            with contextlib.suppress(httpx.TransportError):
+                health = client.get("/health").json()
+                if health.get("workers", 0) >= 1:
+                    return
+            time.sleep(0.1)
+    raise StartupError(f"no worker registered within {START_TIMEOUT_S:.0f} s")
+
+
+def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None, verbose: bool) -> int:
+    """Runs until Ctrl-C, or, with ``prompt_body``, until that prompt is answered."""
+    import uvicorn
+
+    from .app import create_app
+    from .client import run_prompt
+
+    console = Console(stderr=True)
+    if port_in_use(settings.host, settings.port):
+        console.print(f"[red]port {settings.port} on {settings.host} is in use: pass --port[/]")
+        return 2
+    url = f"http://{settings.host}:{settings.port}"
+    outcome = {"code": 0}
+    with contextlib.ExitStack() as stack:
+        try:
+            settings = settings.replace(redis_url=stack.enter_context(embedded_redis(console)))
+        except StartupError as e:
+            console.print(f"[red]{e}[/]")
+            return 1
+        worker = start_worker(settings, hf_endpoint or f"{url}/hub", verbose)
+        stack.callback(stop_process, worker)
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings, hub_root=DEMO_MODELS), host=settings.host, port=settings.port,
+                           log_level="info" if verbose else "warning")
+        )
+
+        def drive() -> None:
+            try:
+                wait_until_ready(url, worker, console)
+                if prompt_body is None:
+                    console.print(f"[green]hive up[/] on {url} · one worker · Ctrl-C stops")
+                    console.print(f'[dim]try: hive run --url {url} "Hello"[/]')
+                    return
+                outcome["code"] = run_prompt(url, prompt_body, console)
+            except StartupError as e:
+                console.print(f"[red]{e}[/]")
+                outcome["code"] = 1
+            if prompt_body is not None or outcome["code"]:
+                server.should_exit = True
+
+        threading.Thread(target=drive, name="hive-up", daemon=True).start()
+        server.run()
+    return outcome["code"]

@@ -1,0 +1,61 @@
+"""Errors as the API shows them: ``{"error": {"code", "message"}}`` with a 4xx/5xx.
+
+The only place that maps failures to HTTP status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.exceptions
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("hive.errors")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
+
+
+def error_response(status: int, code: str, message: str, details: list | None = None, headers: dict | None = None) -> JSONResponse:
+    body: dict = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 413: "BODY_TOO_LARGE"}
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "REDIS_UNAVAILABLE", "the queue backend (Redis) is unavailable; retry shortly", headers={"Retry-After": "2"})
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises after answering, and uvicorn logs the traceback.
+    return error_response(500, "INTERNAL", "internal error; see the hive's log")
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: api_error,
+    HTTPException: http_error,
+    redis.exceptions.ConnectionError: redis_down,
+    redis.exceptions.TimeoutError: redis_down,
+    Exception: internal_error,
+}

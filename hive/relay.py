@@ -1,0 +1,160 @@
+"""Relaying job events to SSE followers: a replay from the job's log, then live.
+
+One pub/sub connection per hive process subscribes to the channels of the jobs
+that have followers and fans each message out to all of them, pre-encoded once
+as an SSE frame. A follower first waits for its channel's subscription, then
+reads the log after its last id, then takes live frames, skipping what it has
+and filling any gap (a lagging follower, a missed message) from the log, so it
+gets every event exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from shared import events, keys
+from shared.events import DONE_FRAME, TERMINAL_TYPES
+
+log = logging.getLogger("hive.relay")
+
+#: A follower that has heard nothing for this long re-reads the log: a safety net
+#: for messages pub/sub lost (a reconnect, say). Cheap: one XRANGE per quiet stream.
+CATCH_UP_S = 5.0
+#: Frames buffered per follower; a follower further behind reads from the log.
+FOLLOWER_BUFFER = 4096
+
+Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
+
+
+@dataclass
+class _Channel:
+    subscribed: asyncio.Future
+    followers: set[asyncio.Queue] = field(default_factory=set)
+
+
+class EventRelay:
+    def __init__(self, connection: aioredis.Redis):
+        self.redis = connection
+        self.pubsub = connection.pubsub()
+        self._channels: dict[str, _Channel] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # A channel of our own keeps the connection subscribed while no job is followed.
+        await self.pubsub.subscribe(keys.relay_channel())
+        self._reader = asyncio.create_task(self._read_forever(), name="hive-relay")
+
+    async def stop(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.pubsub.aclose()
+
+    @property
+    def followers(self) -> int:
+        return sum(len(c.followers) for c in self._channels.values())
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                async for message in self.pubsub.listen():
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # connection loop boundary: log, back off, resubscribe
+                log.exception("relay lost its Redis subscription; reconnecting")
+                await asyncio.sleep(1.0)
+
+    def _dispatch(self, message: dict) -> None:
+        channel = message["channel"]
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        entry = self._channels.get(channel)
+        if entry is None:
+            return
+        if message["type"] == "subscribe":
+            if not entry.subscribed.done():
+                entry.subscribed.set_result(None)
+        elif message["type"] == "message":
+            seq, type_, data = events.parse_live_message(message["data"])
+            frame = (seq, type_, events.sse_frame(seq, type_, data))
+            for queue in entry.followers:
+                try:
+                    queue.put_nowait(frame)
+                except asyncio.QueueFull:
+                    pass  # the follower sees the gap and reads the log instead
+
+    async def _join(self, job_id: str, queue: asyncio.Queue) -> None:
+        channel = keys.job_channel(job_id)
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = self._channels[channel] = _Channel(asyncio.get_running_loop().create_future())
+            await self.pubsub.subscribe(channel)
+        entry.followers.add(queue)
+        await asyncio.shield(entry.subscribed)
+
+    async def _leave(self, job_id: str, queue: asyncio.Queue) -> None:
+        channel = keys.job_channel(job_id)
+        entry = self._channels.get(channel)
+        if entry is None:
+            return
+        entry.followers.discard(queue)
+        if not entry.followers:
+            del self._channels[channel]
+            await self.pubsub.unsubscribe(channel)
+
+    async def read_log(self, job_id: str, after: int) -> list[Frame]:
+        entries = await self.redis.xrange(keys.job_events(job_id), min=f"({events.stream_id(after)}")
+        frames = []
+        for entry_id, fields in entries:
+            seq = events.seq_of(entry_id)
+            type_, data = _field(fields, "e"), _field(fields, "d")
+            frames.append((seq, type_, events.sse_frame(seq, type_, data)))
+        return frames
+
+    async def follow(self, job_id: str, last_id: int = 0) -> AsyncIterator[bytes]:
+        """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
+        the terminal event."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=FOLLOWER_BUFFER)
+        await self._join(job_id, queue)
+        last = last_id
+        try:
+            pending: list[Frame] = await self.read_log(job_id, last)
+            from_log = True
+            while True:
+                gap = False
+                for seq, type_, frame in pending:
+                    if seq <= last:
+                        continue  # already sent: it came from the log, then again live
+                    if seq > last + 1 and not from_log:
+                        gap = True  # a live frame ahead of us: the log has what is between
+                        break
+                    yield frame
+                    last = seq
+                    if type_ in TERMINAL_TYPES:
+                        yield DONE_FRAME
+                        return
+                if gap:
+                    pending, from_log = await self.read_log(job_id, last), True
+                    continue
+                try:
+                    pending, from_log = [await asyncio.wait_for(queue.get(), CATCH_UP_S)], False
+                except asyncio.TimeoutError:
+                    pending, from_log = await self.read_log(job_id, last), True
+                    continue
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
+        finally:
+            await self._leave(job_id, queue)
+
+
+def _field(fields: dict, name: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        value = fields.get(name.encode())
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,121 @@
+"""The job event schema: one frozen dataclass per SSE event type, and its wire forms.
+
+An event travels three ways, all built here so hive and worker cannot drift apart:
+- the replay log (a Redis Stream entry ``<seq>-0`` with fields ``e`` = type, ``d`` = JSON),
+- the live pub/sub message ``"<seq>\\n<type>\\n<JSON>"`` (split, never parsed, by the relay),
+- the SSE frame ``id: <seq>\\nevent: <type>\\ndata: <JSON>\\n\\n``.
+The JSON object always carries ``"event": <type>`` as its first field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str]
+
+    def to_json(self) -> str:
+        return json.dumps({"event": self.type, **asdict(self)}, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Queued(Event):
+    type = "queued"
+    position: int
+
+
+@dataclass(frozen=True)
+class Download(Event):
+    type = "download"
+    file: str | None
+    bytes_downloaded: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class Loading(Event):
+    type = "loading"
+    layers_loaded: int
+    layers_total: int
+    vram_mb: float
+    device: str
+    stage: str = "loading_to_vram"
+
+
+@dataclass(frozen=True)
+class Ready(Event):
+    type = "ready"
+    load_ms: float
+    warm: bool
+    stage: str = "ready"
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    type = "started"
+    job_id: str
+    model: str
+    worker: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Token(Event):
+    type = "token"
+    t: str
+    i: int
+
+
+@dataclass(frozen=True)
+class End(Event):
+    type = "end"
+    tokens_out: int
+    decode_time_ms: float
+    ttft_ms: float
+    stop_reason: str  # max_tokens | eos | stop_sequence
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    type = "error"
+    code: str
+    message: str
+
+
+TERMINAL_TYPES = frozenset({End.type, Error.type})
+
+
+def stream_id(seq: int) -> str:
+    """Replay-log entry id for event number ``seq`` (1-based): explicit ids make the
+    SSE ``id:`` a plain integer and make a duplicate append fail loudly."""
+    return f"{seq}-0"
+
+
+def seq_of(entry_id: str | bytes) -> int:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return int(entry_id.split("-", 1)[0])
+
+
+def live_message(seq: int, type_: str, data: str) -> str:
+    return f"{seq}\n{type_}\n{data}"
+
+
+def parse_live_message(message: str | bytes) -> tuple[int, str, str]:
+    if isinstance(message, bytes):
+        message = message.decode()
+    seq, type_, data = message.split("\n", 2)
+    return int(seq), type_, data
+
+
+def sse_frame(seq: int, type_: str, data: str) -> bytes:
+    return f"id: {seq}\nevent: {type_}\ndata: {data}\n\n".encode()

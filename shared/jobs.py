@@ -1,0 +1,78 @@
+"""The job record: a Redis hash the hive creates and the worker updates.
+
+Field names live here once; ``status_view`` turns the hash into the
+``GET /v1/inference/<id>`` JSON.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .spec import JobState
+
+#: The worker function RQ runs for an inference job, by dotted name: the hive
+#: enqueues it without importing the worker package (torch).
+RUN_INFERENCE = "worker.tasks.run_inference"
+
+# Hash fields. Numbers are stored as decimal strings, times as Unix seconds.
+SPEC = "spec"
+STATE = "state"
+MODEL = "model"
+REVISION = "revision"
+WORKER = "worker"
+CREATED_AT = "created_at"
+PICKED_AT = "picked_at"
+STARTED_AT = "started_at"
+FINISHED_AT = "finished_at"
+LOAD_MS = "load_ms"
+TTFT_MS = "ttft_ms"
+DECODE_TIME_MS = "decode_time_ms"
+TOKENS_OUT = "tokens_out"
+STOP_REASON = "stop_reason"
+OUTPUT = "output"
+PROMPT_TOKENS = "prompt_tokens"
+ERROR_CODE = "error_code"
+ERROR_MESSAGE = "error_message"
+
+
+def _num(value: str | None) -> float | int | None:
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return int(number) if number.is_integer() and "." not in value else number
+
+
+def status_view(job_id: str, record: dict[str, str]) -> dict:
+    """The public status of a job from its hash (already decoded to str)."""
+    state = record.get(STATE, JobState.queued.value)
+    created, picked, started, finished = (
+        _num(record.get(k)) for k in (CREATED_AT, PICKED_AT, STARTED_AT, FINISHED_AT)
+    )
+    spec = json.loads(record.get(SPEC) or "{}")
+    view: dict = {
+        "job_id": job_id,
+        "state": state,
+        "model": record.get(MODEL),
+        "revision": record.get(REVISION) or None,
+        "worker": record.get(WORKER) or None,
+        "created_at": created,
+        "picked_at": picked,
+        "started_at": started,
+        "finished_at": finished,
+        "timings": {
+            "queue_ms": round((picked - created) * 1000, 1) if picked and created else None,
+            "load_ms": _num(record.get(LOAD_MS)),
+            "ttft_ms": _num(record.get(TTFT_MS)),
+            "decode_time_ms": _num(record.get(DECODE_TIME_MS)),
+            "total_ms": round((finished - created) * 1000, 1) if finished and created else None,
+        },
+        "prompt_tokens": _num(record.get(PROMPT_TOKENS)),
+        "tokens_out": _num(record.get(TOKENS_OUT)),
+        "stop_reason": record.get(STOP_REASON) or None,
+        "max_tokens": spec.get("max_tokens"),
+    }
+    if state == JobState.completed.value:
+        view["output"] = record.get(OUTPUT, "")
+    if state == JobState.failed.value:
+        view["error"] = {"code": record.get(ERROR_CODE), "message": record.get(ERROR_MESSAGE)}
+    return view

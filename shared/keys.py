@@ -1,0 +1,34 @@
+"""Every Redis key and channel Hive uses, built in one place behind one prefix.
+
+RQ keeps its own keys under ``rq:``; only the queue *names* are ours.
+"""
+
+from __future__ import annotations
+
+PREFIX = "hive"
+
+#: Job records and replay logs live this long after their last write (seconds).
+JOB_TTL_S = 24 * 3600
+
+#: The RQ queue the hive enqueues inference jobs on and workers listen to.
+DEFAULT_QUEUE = f"{PREFIX}:inference"
+
+
+def job(job_id: str) -> str:
+    """Hash: the job's spec, state, timings and final output (TTL: JOB_TTL_S)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    """Stream: the job's replay log, entry ids ``<seq>-0`` (TTL: JOB_TTL_S)."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def job_channel(job_id: str) -> str:
+    """Pub/sub channel carrying each event the moment it is appended to the log."""
+    return f"{PREFIX}:job:{job_id}:live"
+
+
+def relay_channel() -> str:
+    """Pub/sub channel the hive's relay always holds, so its connection stays subscribed."""
+    return f"{PREFIX}:relay"

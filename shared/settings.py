@@ -1,0 +1,57 @@
+"""Typed settings, built once at start-up from command-line flags and the environment.
+
+The CLI (typer) reads flags and their ``HIVE_*`` environment variables and builds one
+``Settings``; nothing in Hive reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from . import keys
+
+DEFAULT_PORT = 7833
+#: The model the CLI asks for when none is given; ``hive up`` serves it from its
+#: built-in hub mirror so the first run works offline.
+DEMO_MODEL = "hive-demo/tiny-llama"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    queue: str = keys.DEFAULT_QUEUE
+    job_ttl_s: int = keys.JOB_TTL_S
+    #: RQ kills a job that runs longer than this (download + load + generation).
+    job_timeout_s: int = 3600
+    max_body_bytes: int = 1024 * 1024
+    #: SSE keep-alive comment interval while a stream is quiet.
+    sse_ping_s: float = 10.0
+    #: Worker: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
+    device: str = "auto"
+    #: Worker: ``auto`` (bf16/fp16 from the checkpoint on CUDA, float32 on CPU) or a torch dtype name.
+    dtype: str = "auto"
+    worker_name: str = ""
+    #: Worker: sleep this long after each token. Zero in production; tests and demos
+    #: use it to make streaming visible on a model that generates in microseconds.
+    token_delay_ms: float = 0.0
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:  # secrets print as ***
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["redis_url"] = redact_url(self.redis_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` → ``redis://user:***@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,62 @@
+"""The inference job spec: what a client posts and what a worker receives.
+
+Validated with pydantic at the HTTP edge; travels to the worker as plain JSON
+(RQ's JSONSerializer), never pickled.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A hub repo id: ``org/name``; no path tricks ("..", leading dots or dashes).
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$"
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=200_000)
+
+
+class InferenceRequest(BaseModel):
+    """``POST /v1/inference`` body. Exactly one of ``prompt`` or ``messages``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: str = Field(pattern=MODEL_ID_PATTERN)
+    revision: str | None = Field(default=None, pattern=REVISION_PATTERN)
+    prompt: str | None = Field(default=None, max_length=200_000)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=256)
+    max_tokens: int = Field(default=128, ge=1, le=4096)
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=100_000)  # 0: no top-k filtering
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> "InferenceRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if ".." in self.model or (self.revision and ".." in self.revision):
+            raise ValueError("'..' is not allowed in model or revision")
+        if any(not s or len(s) > 256 for s in self.stop):
+            raise ValueError("each stop sequence must be 1 to 256 characters")
+        return self
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    downloading = "downloading"
+    loading = "loading"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+
+
+FINAL_STATES = frozenset({JobState.completed, JobState.failed})

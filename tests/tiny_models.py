@@ -1,0 +1,97 @@
+"""Build tiny causal language models for tests and the built-in demo.
+
+Random weights, but a real architecture (Llama by default), a real byte-level BPE
+tokenizer trained on a small corpus, a chat template, and safetensors weights split
+into several shards, so the download, layer loading and generation code paths are
+exactly those a real hub model takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = """\
+Hive streams tokens from GPU workers to every follower of a job.
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Models are downloaded from the hub, loaded layer by layer, then generate text one token at a time.
+Bonjour, ça va? Très bien, merci. Grüße aus München. ¿Qué tal? Ελληνικά. 日本語のテキスト。 🙂
+"""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer: any text encodes, and characters outside the
+    corpus split into several byte tokens (the multi-byte streaming case)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int | None = None,
+    shards: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+) -> Path:
+    """Write a random-weights Llama checkpoint (config, tokenizer, sharded safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Shard size in bytes, so the checkpoint really has `shards` files.
+    model.save_pretrained(out, max_shard_size=max(total // shards + 1, 1024), safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    path = build_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")
+    print(path, sorted(p.name for p in path.iterdir()))
+    print(json.dumps(json.loads((path / "config.json").read_text()), indent=1)[:400])

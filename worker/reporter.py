@@ -1,0 +1,51 @@
+"""Publishing a job's events and state from the worker.
+
+Each event is appended to the job's replay log and published live in one round
+trip (XADD + PUBLISH, pipelined: two commands per token). The log's TTL is set
+when the job starts and again when it ends, not per event.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from shared import events, jobs, keys
+from shared.events import Event
+from shared.spec import JobState
+
+
+class JobReporter:
+    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int):
+        self.redis = connection
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self._log_key = keys.job_events(job_id)
+        self._channel = keys.job_channel(job_id)
+        # Go on from the last event in the log (the hive wrote `queued`).
+        last = connection.xrevrange(self._log_key, count=1)
+        self.seq = events.seq_of(last[0][0]) if last else 0
+        connection.expire(self._log_key, ttl_s)
+
+    def emit(self, event: Event) -> None:
+        self.seq += 1
+        data = event.to_json()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self._log_key, {"e": event.type, "d": data}, id=events.stream_id(self.seq))
+        pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
+        pipe.execute()
+
+    def update(self, state: JobState | None = None, **fields) -> None:
+        if state is not None:
+            fields[jobs.STATE] = state.value
+        self.redis.hset(keys.job(self.job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def finish(self, final_event: Event, state: JobState, **fields) -> None:
+        """The terminal event and the final state; the TTLs restart from now."""
+        self.update(state, **{jobs.FINISHED_AT: time.time(), **fields})
+        self.emit(final_event)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(self._log_key, self.ttl_s)
+        pipe.expire(keys.job(self.job_id), self.ttl_s)
+        pipe.execute()

@@ -1,0 +1,135 @@
+"""One job on one worker: download → load → generate, every step reported as events.
+
+The worker process holds one ``WorkerRuntime`` (device, loaded models, Redis
+connection); RQ calls ``worker.tasks.run_inference`` which hands the job to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import redis
+import torch
+
+from shared import jobs
+from shared.events import End, Error, Loading, Ready, Started, Token
+from shared.settings import Settings
+from shared.spec import InferenceRequest, JobState
+
+from .download import fetch_model
+from .generate import SamplingParams, generate_tokens
+from .models import LoadedModel, ModelCache, resolve_device
+from .reporter import JobReporter
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(Exception):
+    code = "INVALID_REQUEST"
+
+
+def encode_prompt(tokenizer, request: InferenceRequest) -> list[int]:
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(f"{request.model} has no chat template: send 'prompt' instead of 'messages'")
+        messages = [m.model_dump() for m in request.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(request.prompt)["input_ids"]
+    if not ids:
+        if tokenizer.bos_token_id is None:
+            raise InvalidRequest("the prompt encodes to no tokens")
+        ids = [tokenizer.bos_token_id]
+    return list(ids)
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
+        return "OUT_OF_MEMORY"
+    return getattr(exc, "code", "INFERENCE_FAILED")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, connection: redis.Redis):
+        self.settings = settings
+        self.redis = connection
+        self.device = resolve_device(settings.device)
+        self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
+        self.models = ModelCache(self.device, settings.dtype)
+
+    def run_job(self, job_id: str, request: InferenceRequest) -> None:
+        reporter = JobReporter(self.redis, job_id, self.settings.job_ttl_s)
+        reporter.update(JobState.downloading, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()})
+        try:
+            self._run(job_id, request, reporter)
+        except Exception as e:  # job boundary: every failure ends the stream with an error event
+            log.exception("job %s failed", job_id)
+            code = error_code(e)
+            message = str(e) or type(e).__name__
+            reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+
+    def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
+        loaded = self.models.get(request.model, request.revision)
+        if loaded is not None:
+            return loaded, True, 0.0
+        folder = fetch_model(request.model, request.revision, reporter.emit)
+        reporter.update(JobState.loading)
+
+        def on_layer(p):
+            reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
+
+        loaded = self.models.load(request.model, request.revision, folder, on_layer)
+        return loaded, False, loaded.load_ms
+
+    def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
+        loaded, warm, load_ms = self._model(request, reporter)
+        reporter.emit(Ready(load_ms, warm))
+        prompt_ids = encode_prompt(loaded.tokenizer, request)
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=tuple(request.stop),
+        )
+        started_at = time.time()
+        reporter.update(JobState.running, **{jobs.STARTED_AT: started_at})
+        reporter.emit(Started(job_id, request.model, self.name, started_at))
+
+        delay_s = self.settings.token_delay_ms / 1000
+        pieces: list[str] = []
+        start = time.perf_counter()
+        first_at = start
+        stop_reason = "max_tokens"
+        count = 0
+        for token in generate_tokens(loaded.model, loaded.tokenizer, prompt_ids, params):
+            if token.i == 0:
+                first_at = time.perf_counter()
+            reporter.emit(Token(token.text, token.i))
+            pieces.append(token.text)
+            count = token.i + 1
+            if token.stop_reason:
+                stop_reason = token.stop_reason
+            elif delay_s:
+                time.sleep(delay_s)
+        end_at = time.perf_counter()
+        ttft_ms = round((first_at - start) * 1000, 2)
+        decode_ms = round((end_at - first_at) * 1000, 2)
+        reporter.finish(
+            End(count, decode_ms, ttft_ms, stop_reason),
+            JobState.completed,
+            **{
+                jobs.OUTPUT: "".join(pieces),
+                jobs.TOKENS_OUT: count,
+                jobs.TTFT_MS: ttft_ms,
+                jobs.DECODE_TIME_MS: decode_ms,
+                jobs.LOAD_MS: load_ms,
+                jobs.STOP_REASON: stop_reason,
+                jobs.PROMPT_TOKENS: len(prompt_ids),
+            },
+        )
