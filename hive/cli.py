@@ -40,6 +40,7 @@ def serve(
     host: Host = "127.0.0.1",
     port: Port = DEFAULT_PORT,
     queue: Queue = keys.DEFAULT_QUEUE,
+    sse_ping_s: Annotated[float, typer.Option(envvar="HIVE_SSE_PING_S", min=0.1, help="Keep-alive comment interval on quiet streams.")] = 10.0,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
@@ -48,7 +49,7 @@ def serve(
     from .app import create_app
 
     _logging(log_level)
-    settings = Settings(redis_url=redis_url, host=host, port=port, queue=queue)
+    settings = Settings(redis_url=redis_url, host=host, port=port, queue=queue, sse_ping_s=sse_ping_s)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
 
 

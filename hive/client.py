@@ -118,6 +118,8 @@ def follow(client: httpx.Client, sse_url: str, view: StreamView) -> None:
                     source.response.read()
                     raise ClientError(api_error_message(source.response), EXIT_REJECTED)
                 for sse in source.iter_sse():
+                    if not sse.data:
+                        continue  # keep-alive comment
                     if sse.data == "[DONE]":
                         return
                     last_id = sse.id or last_id

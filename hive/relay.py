@@ -117,6 +117,11 @@ class EventRelay:
             frames.append((seq, type_, events.sse_frame(seq, type_, data)))
         return frames
 
+    async def _ended_by(self, job_id: str, last: int) -> bool:
+        """Whether the job's log ends with a terminal event at or before ``last``."""
+        tail = await self.redis.xrevrange(keys.job_events(job_id), count=1)
+        return bool(tail) and events.seq_of(tail[0][0]) <= last and _field(tail[0][1], "e") in TERMINAL_TYPES
+
     async def follow(self, job_id: str, last_id: int = 0) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
         the terminal event."""
@@ -126,10 +131,16 @@ class EventRelay:
         try:
             pending: list[Frame] = await self.read_log(job_id, last)
             from_log = True
+            if not pending and await self._ended_by(job_id, last):
+                yield DONE_FRAME  # resumed after the job's last event
+                return
             while True:
                 gap = False
                 for seq, type_, frame in pending:
                     if seq <= last:
+                        if type_ in TERMINAL_TYPES:  # the client is past the end already
+                            yield DONE_FRAME
+                            return
                         continue  # already sent: it came from the log, then again live
                     if seq > last + 1 and not from_log:
                         gap = True  # a live frame ahead of us: the log has what is between

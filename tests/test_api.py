@@ -1,0 +1,162 @@
+"""The HTTP contract around the stream: bad input, unknown jobs, keep-alives, health.
+
+Runs against a real ``hive serve`` on a queue no worker serves, so a job stays
+queued and the queue length shows exactly what was enqueued.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests import processes
+from tests.sse import submit
+
+pytestmark = pytest.mark.e2e
+
+GOOD = {"model": "acme/tiny", "prompt": "hi"}
+
+
+@pytest.fixture(scope="module")
+def idle_hive(redis_url, log_dir):
+    port = processes.free_port()
+    queue = "hive:test-idle"
+    proc = processes.start(
+        "hive-idle",
+        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, "--sse-ping-s", "0.3"),
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    processes.wait_until(lambda: processes.health(url)["status"] == "ok", 30, "idle hive", (proc,))
+    yield url, queue
+    proc.stop()
+
+
+def queue_length(redis_client, queue: str) -> int:
+    return redis_client.llen(f"rq:queue:{queue}")
+
+
+def job_keys(redis_client) -> set[str]:
+    return set(redis_client.scan_iter("hive:job:*"))
+
+
+BAD_BODIES = [
+    ("not json", b"{model: tiny", 400, "INVALID_JSON"),
+    ("empty body", b"", 400, "INVALID_JSON"),
+    ("a list", b"[1, 2]", 422, "INVALID_REQUEST"),
+    ("a string", b'"prompt"', 422, "INVALID_REQUEST"),
+    ("no model", {"prompt": "hi"}, 422, "INVALID_REQUEST"),
+    ("model not org/name", {"model": "tiny", "prompt": "hi"}, 422, "INVALID_REQUEST"),
+    ("model path trick", {"model": "../../etc/passwd", "prompt": "hi"}, 422, "INVALID_REQUEST"),
+    ("model dot-dot", {"model": "acme/..", "prompt": "hi"}, 422, "INVALID_REQUEST"),
+    ("model wrong type", {"model": 7, "prompt": "hi"}, 422, "INVALID_REQUEST"),
+    ("neither prompt nor messages", {"model": "acme/tiny"}, 422, "INVALID_REQUEST"),
+    ("both prompt and messages", {**GOOD, "messages": [{"role": "user", "content": "x"}]}, 422, "INVALID_REQUEST"),
+    ("prompt wrong type", {"model": "acme/tiny", "prompt": 5}, 422, "INVALID_REQUEST"),
+    ("messages empty", {"model": "acme/tiny", "messages": []}, 422, "INVALID_REQUEST"),
+    ("message bad role", {"model": "acme/tiny", "messages": [{"role": "wizard", "content": "x"}]}, 422, "INVALID_REQUEST"),
+    ("message extra field", {"model": "acme/tiny", "messages": [{"role": "user", "content": "x", "x": 1}]}, 422, "INVALID_REQUEST"),
+    ("unknown field", {**GOOD, "max_new_tokens": 5}, 422, "INVALID_REQUEST"),
+    ("max_tokens zero", {**GOOD, "max_tokens": 0}, 422, "INVALID_REQUEST"),
+    ("max_tokens too big", {**GOOD, "max_tokens": 4097}, 422, "INVALID_REQUEST"),
+    ("max_tokens as string", {**GOOD, "max_tokens": "5"}, 422, "INVALID_REQUEST"),
+    ("max_tokens as float", {**GOOD, "max_tokens": 5.5}, 422, "INVALID_REQUEST"),
+    ("max_tokens huge number", {**GOOD, "max_tokens": 10**40}, 422, "INVALID_REQUEST"),
+    ("max_tokens bool", {**GOOD, "max_tokens": True}, 422, "INVALID_REQUEST"),
+    ("temperature negative", {**GOOD, "temperature": -0.1}, 422, "INVALID_REQUEST"),
+    ("temperature string", {**GOOD, "temperature": "hot"}, 422, "INVALID_REQUEST"),
+    ("top_p zero", {**GOOD, "top_p": 0}, 422, "INVALID_REQUEST"),
+    ("top_p above one", {**GOOD, "top_p": 1.5}, 422, "INVALID_REQUEST"),
+    ("top_k negative", {**GOOD, "top_k": -1}, 422, "INVALID_REQUEST"),
+    ("seed negative", {**GOOD, "seed": -1}, 422, "INVALID_REQUEST"),
+    ("stop not a list", {**GOOD, "stop": "\n"}, 422, "INVALID_REQUEST"),
+    ("stop empty string", {**GOOD, "stop": [""]}, 422, "INVALID_REQUEST"),
+    ("revision path trick", {**GOOD, "revision": "../main"}, 422, "INVALID_REQUEST"),
+    ("null prompt and no messages", {"model": "acme/tiny", "prompt": None}, 422, "INVALID_REQUEST"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_a_clear_4xx_and_enqueues_nothing(idle_hive, redis_client, name, body, status, code):
+    url, queue = idle_hive
+    before_len, before_keys = queue_length(redis_client, queue), job_keys(redis_client)
+    if isinstance(body, bytes):
+        response = httpx.post(f"{url}/v1/inference", content=body, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(f"{url}/v1/inference", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and isinstance(error["message"], str) and error["message"]
+    assert queue_length(redis_client, queue) == before_len
+    assert job_keys(redis_client) == before_keys
+
+
+def test_oversized_body_is_413_without_reading_it_all(idle_hive, redis_client):
+    url, queue = idle_hive
+    before = queue_length(redis_client, queue)
+    big = {**GOOD, "prompt": "x" * (2 * 1024 * 1024)}
+    response = httpx.post(f"{url}/v1/inference", json=big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "BODY_TOO_LARGE"
+    # Chunked upload without Content-Length: refused while streaming.
+    chunks = iter([b'{"model": "acme/tiny", "prompt": "', b"y" * (2 * 1024 * 1024), b'"}'])
+    response = httpx.post(f"{url}/v1/inference", content=chunks)
+    assert response.status_code == 413
+    assert queue_length(redis_client, queue) == before
+
+
+def test_message_names_the_bad_field(idle_hive):
+    url, _ = idle_hive
+    response = httpx.post(f"{url}/v1/inference", json={**GOOD, "max_tokens": 5000})
+    error = response.json()["error"]
+    assert "max_tokens" in error["message"]
+    assert error["details"][0]["field"] == "max_tokens"
+
+
+@pytest.mark.parametrize("path", ["/v1/inference/{id}", "/v1/inference/{id}/stream"])
+@pytest.mark.parametrize(
+    "job_id", ["0123456789abcdef0123456789abcdef", "nope", "..%2F..%2Fetc", "%00", "A" * 300]
+)
+def test_unknown_job_is_404_json(idle_hive, path, job_id):
+    url, _ = idle_hive
+    response = httpx.get(url + path.format(id=job_id))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] in ("JOB_NOT_FOUND", "NOT_FOUND")
+
+
+def test_queued_job_has_status_and_keepalive_comments(idle_hive, redis_client):
+    url, queue = idle_hive
+    job = submit(url, **GOOD)
+    assert job["position"] == queue_length(redis_client, queue)
+    status = httpx.get(f"{url}{job['status_url']}").json()
+    assert status["state"] == "queued" and status["model"] == "acme/tiny" and status["worker"] is None
+    lines = []
+    with httpx.stream("GET", f"{url}{job['sse_url']}", timeout=10) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if sum(1 for x in lines if x.startswith(":")) == 2:
+                break
+    assert lines[:3] == ["id: 1", "event: queued", f'data: {{"event":"queued","position":{job["position"]}}}']
+    assert sum(1 for x in lines if x.startswith(":")) == 2
+
+
+def test_bad_last_event_id_is_400(idle_hive):
+    url, _ = idle_hive
+    job = submit(url, **GOOD)
+    response = httpx.get(f"{url}{job['sse_url']}", headers={"Last-Event-ID": "abc"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "INVALID_LAST_EVENT_ID"
+
+
+def test_wrong_method_and_unknown_path_are_json(idle_hive):
+    url, _ = idle_hive
+    response = httpx.get(f"{url}/v1/inference")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    response = httpx.get(f"{url}/v2/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
+
+
+def test_health_reports_redis_and_workers(idle_hive):
+    url, _ = idle_hive
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["redis"] == "ok" and health["workers"] == 0
