@@ -1,0 +1,138 @@
+"""Worker pieces on their own: layer loading, incremental decoding, stop sequences,
+download progress. CPU only, no server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.events import Download
+from tests.tiny_models import build_tokenizer
+from worker.download import DownloadProgress, RemoteFile
+from worker.generate import SamplingParams, generate_tokens
+from worker.loader import load_layer_by_layer
+from worker.textstream import IncrementalDecoder, StopMatcher
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("llama") / "m", shards=3)
+
+
+def _gpt2_dir(tmp_path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=128))
+    model.save_pretrained(tmp_path, max_shard_size=200_000)
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layer_loading_matches_from_pretrained(arch, llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = llama_dir if arch == "llama" else _gpt2_dir(tmp_path)
+    assert len(list(folder.glob("*.safetensors"))) >= 2
+    progress = []
+    model = load_layer_by_layer(folder, torch.device("cpu"), on_layer=progress.append)
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    total = model.config.num_hidden_layers
+    assert [p.layers_loaded for p in progress] == list(range(1, total + 1))
+    assert all(p.layers_total == total for p in progress)
+    assert [p.vram_mb for p in progress] == sorted(p.vram_mb for p in progress)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_incremental_decoder_never_breaks_a_character(tokenizer):
+    text = "Grüße, 日本語 and 🙂!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tokenizer, [])
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces, "expected at least one character split over several tokens"
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in language model whose next token follows a script: it lets a unit
+    test drive the real decode loop through chosen (multi-byte) tokens."""
+
+    def __init__(self, script: list[int], vocab: int, eos: int):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(eos_token_id=eos, max_position_embeddings=1024, get_text_config=lambda: self.config)
+        self.generation_config = None
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[0, -1, self.script[min(self.step, len(self.script) - 1)]] = 10.0
+        self.step += 1
+        return SimpleNamespace(logits=logits)
+
+
+def test_decode_loop_streams_multibyte_text_and_stops_on_eos(tokenizer):
+    text = "Très bien 🙂 日本"
+    script = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    model = ScriptedLM(script, len(tokenizer), tokenizer.eos_token_id)
+    out = list(generate_tokens(model, tokenizer, [1, 2], SamplingParams(max_tokens=100, temperature=0)))
+    assert [t.i for t in out] == list(range(len(script)))
+    assert "".join(t.text for t in out) == text
+    assert not any("\ufffd" in t.text for t in out)
+    assert out[-1].stop_reason == "eos" and all(t.stop_reason is None for t in out[:-1])
+
+
+def test_decode_loop_holds_back_a_possible_stop_sequence(tokenizer):
+    text = "one two three four"
+    script = tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(script, len(tokenizer), tokenizer.eos_token_id)
+    out = list(generate_tokens(model, tokenizer, [1], SamplingParams(max_tokens=100, temperature=0, stop=("three",))))
+    assert "".join(t.text for t in out) == "one two "
+    assert out[-1].stop_reason == "stop_sequence"
+
+
+def test_stop_matcher_cuts_across_pieces_and_flushes_at_the_end():
+    stops = StopMatcher(["END", "\n\n"])
+    assert stops.feed("abc E", final=False) == ("abc ", False)
+    assert stops.feed("N", final=False) == ("", False)
+    assert stops.feed("Dxyz", final=False) == ("", True)
+    stops = StopMatcher(["END"])
+    assert stops.feed("abc E", final=False) == ("abc ", False)
+    assert stops.feed("x", final=True) == ("Ex", False)
+
+
+def test_download_progress_is_throttled_and_ends_at_full_size():
+    now = [0.0]
+    sent: list[Download] = []
+    files = [RemoteFile("config.json", 100), RemoteFile("model.safetensors", 10_000)]
+    progress = DownloadProgress(files, sent.append, clock=lambda: now[0])
+    progress.start_file("config.json")
+    progress.add_bytes(100)
+    progress.finish_file()
+    progress.start_file("model.safetensors")
+    for _ in range(100):  # 100 chunks within 0.5 s: about 5 events, not 100
+        now[0] += 0.005
+        progress.add_bytes(100)
+    progress.finish_file()
+    assert 3 <= len(sent) <= 8
+    assert sent[-1].bytes_downloaded == sent[-1].bytes_total == 10_100
+    assert sent[-1].files_done == sent[-1].files_total == 2
+    assert [e.bytes_downloaded for e in sent] == sorted(e.bytes_downloaded for e in sent)
