@@ -59,8 +59,11 @@ def build_model(
     shards: int = 2,
     seed: int = 0,
     tie_word_embeddings: bool = True,
+    train_steps: int = 0,
 ) -> Path:
-    """Write a random-weights Llama checkpoint (config, tokenizer, sharded safetensors)."""
+    """Write a Llama checkpoint (config, tokenizer, sharded safetensors): random
+    weights, or with ``train_steps`` a few seconds of training on CORPUS so that
+    the built-in demo model answers with recognisable text."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,7 +84,10 @@ def build_model(
         tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    if train_steps:
+        _train(model, tokenizer, train_steps)
+    model.eval()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     # Shard size in bytes, so the checkpoint really has `shards` files.
     model.save_pretrained(out, max_shard_size=max(total // shards + 1, 1024), safe_serialization=True)
@@ -89,9 +95,26 @@ def build_model(
     return out
 
 
+def _train(model, tokenizer, steps: int) -> None:
+    import torch
+
+    ids = torch.tensor(tokenizer(CORPUS)["input_ids"])
+    window = 48
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window - 1, (16,))
+        batch = torch.stack([ids[s : s + window] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 if __name__ == "__main__":
     import sys
 
-    path = build_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")
+    # python -m tests.tiny_models hive/demo_models/hive-demo/tiny-llama --train
+    path = build_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model", train_steps=400 if "--train" in sys.argv else 0)
     print(path, sorted(p.name for p in path.iterdir()))
     print(json.dumps(json.loads((path / "config.json").read_text()), indent=1)[:400])
