@@ -71,14 +71,36 @@ def _wait_for_redis(url: str, process: subprocess.Popen | None) -> None:
 
 
 def _fake_redis_server(port: int):
+    """fakeredis' TCP server, with three fixes for serving Hive's traffic."""
     from fakeredis import TcpFakeServer
+    from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+
+    class KeepOpenHandler(TCPFakeRequestHandler):
+        # fakeredis hangs up after a command it does not implement (RQ asks for
+        # INFO once, and copes with the error): serve on until the client leaves.
+        def handle(self) -> None:
+            while not self.server._shutdown_event.is_set():
+                super().handle()
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                        return  # the client closed the connection
+                except BlockingIOError:
+                    continue  # still open, nothing to read yet
+                except OSError:
+                    return
 
     class NoDelayFakeServer(TcpFakeServer):
-        # Without TCP_NODELAY a pipelined reply waits out a 40 ms delayed ACK:
-        # 20 tokens/s instead of thousands.
-        daemon_threads = True
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.RequestHandlerClass = KeepOpenHandler
+            # TcpFakeServer sets daemon_threads = False in __init__: a connection left
+            # blocked in BLPOP (a stopped worker's) would then hold up our exit.
+            self.daemon_threads = True
+            self.block_on_close = False
 
         def get_request(self):
+            # Without TCP_NODELAY a pipelined reply waits out a 40 ms delayed ACK:
+            # 20 tokens/s instead of thousands.
             conn, address = super().get_request()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return conn, address

@@ -25,6 +25,8 @@ log = logging.getLogger("hive.relay")
 #: A follower that has heard nothing for this long re-reads the log: a safety net
 #: for messages pub/sub lost (a reconnect, say). Cheap: one XRANGE per quiet stream.
 CATCH_UP_S = 5.0
+#: How long a new follower waits for Redis to confirm its channel's subscription.
+SUBSCRIBE_TIMEOUT_S = 10.0
 #: Frames buffered per follower; a follower further behind reads from the log.
 FOLLOWER_BUFFER = 4096
 
@@ -96,7 +98,7 @@ class EventRelay:
             entry = self._channels[channel] = _Channel(asyncio.get_running_loop().create_future())
             await self.pubsub.subscribe(channel)
         entry.followers.add(queue)
-        await asyncio.shield(entry.subscribed)
+        await asyncio.wait_for(asyncio.shield(entry.subscribed), SUBSCRIBE_TIMEOUT_S)
 
     async def _leave(self, job_id: str, queue: asyncio.Queue) -> None:
         channel = keys.job_channel(job_id)
@@ -109,7 +111,7 @@ class EventRelay:
             await self.pubsub.unsubscribe(channel)
 
     async def read_log(self, job_id: str, after: int) -> list[Frame]:
-        entries = await self.redis.xrange(keys.job_events(job_id), min=f"({events.stream_id(after)}")
+        entries = await self.redis.xrange(keys.job_events(job_id), min=events.stream_id(after + 1))
         frames = []
         for entry_id, fields in entries:
             seq = events.seq_of(entry_id)

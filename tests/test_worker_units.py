@@ -39,11 +39,17 @@ def _gpt2_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "gpt2"])
 def test_layer_loading_matches_from_pretrained(arch, llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    folder = llama_dir if arch == "llama" else _gpt2_dir(tmp_path)
+    from tests.tiny_models import build_model
+
+    folder = {
+        "llama": lambda: llama_dir,
+        "llama-untied": lambda: build_model(tmp_path / "untied", tie_word_embeddings=False, num_layers=2),
+        "gpt2": lambda: _gpt2_dir(tmp_path),
+    }[arch]()
     assert len(list(folder.glob("*.safetensors"))) >= 2
     progress = []
     model = load_layer_by_layer(folder, torch.device("cpu"), on_layer=progress.append)

@@ -28,6 +28,10 @@ class LoadError(Exception):
     code = "LOAD_FAILED"
 
 
+class NeedsConversion(LoadError):
+    """The checkpoint's names do not match the model's: load it with from_pretrained."""
+
+
 @dataclass(frozen=True)
 class LayerProgress:
     layers_loaded: int
@@ -91,6 +95,15 @@ def _map_names(checkpoint_names, model_names: set[str], base_prefix: str) -> dic
     return mapping
 
 
+def _tied_output_names(model, config) -> set[str]:
+    """The output head's weight when it is tied to the input embeddings (absent from the checkpoint)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head = model.get_output_embeddings()
+    if head is None or not getattr(text_config, "tie_word_embeddings", False):
+        return set()
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+
+
 def _placed_mb(device: torch.device, placed_bytes: int) -> float:
     if device.type == "cuda":
         return round(torch.cuda.memory_allocated(device) / 2**20, 1)
@@ -119,10 +132,14 @@ def load_layer_by_layer(
     layer_re = re.compile(re.escape(layers_prefix) + r"(\d+)\.")
 
     files = _weight_files(model_dir)
-    model_names = set(dict(model.named_parameters(remove_duplicate=False))) | set(
-        dict(model.named_buffers(remove_duplicate=False))
-    )
+    param_names = set(dict(model.named_parameters(remove_duplicate=False)))
+    model_names = param_names | set(dict(model.named_buffers(remove_duplicate=False)))
     mapping = _map_names(files, model_names, model.base_model_prefix)
+    uncovered = param_names - set(mapping.values()) - _tied_output_names(model, config)
+    if uncovered:
+        # Checkpoints whose weights need converting on load (fused experts, renamed
+        # keys): transformers knows how, this loader does not.
+        raise NeedsConversion(f"{len(uncovered)} parameters have no weight under their own name, e.g. {sorted(uncovered)[:3]}")
 
     # Group by layer: -1 before the layers (embeddings), num_layers after (final norm, head).
     groups: dict[int, list[str]] = defaultdict(list)
@@ -151,4 +168,29 @@ def load_layer_by_layer(
         if buffer.device != device:
             set_module_tensor_to_device(model, name, device, value=buffer)
     model.eval()
+    return model
+
+
+def load_model(
+    model_dir: Path,
+    device: torch.device,
+    dtype_name: str = "auto",
+    on_layer: Callable[[LayerProgress], None] | None = None,
+):
+    """Layer by layer when the checkpoint allows; otherwise transformers'
+    ``from_pretrained`` onto the device, reported as one step once it is done."""
+    try:
+        return load_layer_by_layer(model_dir, device, dtype_name, on_layer)
+    except NeedsConversion as e:
+        log.warning("%s: %s; loading with from_pretrained (no per-layer progress)", model_dir.name, e)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = resolve_dtype(dtype_name, device, config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device)).eval()
+    if on_layer is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        placed = sum(p.numel() * p.element_size() for p in model.parameters())
+        total = text_config.num_hidden_layers
+        on_layer(LayerProgress(total, total, _placed_mb(device, placed), str(device)))
     return model

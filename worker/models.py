@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .loader import LayerProgress, load_layer_by_layer
+from .loader import LayerProgress, load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ModelCache:
 
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = load_layer_by_layer(folder, self.device, self.dtype_name, on_layer)
+        model = load_model(folder, self.device, self.dtype_name, on_layer)
         load_ms = round((time.perf_counter() - start) * 1000, 1)
         loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms)
         self._models[(repo_id, revision)] = loaded

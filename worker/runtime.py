@@ -13,6 +13,7 @@ import time
 
 import redis
 import torch
+from rq.timeouts import JobTimeoutException
 
 from shared import jobs
 from shared.events import End, Error, Loading, Ready, Started, Token
@@ -48,8 +49,10 @@ def encode_prompt(tokenizer, request: InferenceRequest) -> list[int]:
 
 
 def error_code(exc: BaseException) -> str:
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return "OUT_OF_MEMORY"
+    if isinstance(exc, JobTimeoutException):
+        return "TIMEOUT"
     return getattr(exc, "code", "INFERENCE_FAILED")
 
 
@@ -61,11 +64,11 @@ class WorkerRuntime:
         self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
         self.models = ModelCache(self.device, settings.dtype)
 
-    def run_job(self, job_id: str, request: InferenceRequest) -> None:
+    def run_job(self, job_id: str, spec: dict) -> None:
         reporter = JobReporter(self.redis, job_id, self.settings.job_ttl_s)
-        reporter.update(JobState.downloading, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()})
+        reporter.update(**{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()})
         try:
-            self._run(job_id, request, reporter)
+            self._run(job_id, InferenceRequest.model_validate(spec), reporter)
         except Exception as e:  # job boundary: every failure ends the stream with an error event
             log.exception("job %s failed", job_id)
             code = error_code(e)
@@ -76,6 +79,7 @@ class WorkerRuntime:
         loaded = self.models.get(request.model, request.revision)
         if loaded is not None:
             return loaded, True, 0.0
+        reporter.update(JobState.downloading)
         folder = fetch_model(request.model, request.revision, reporter.emit)
         reporter.update(JobState.loading)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from shared.spec import InferenceRequest
-
 _runtime = None
 
 
@@ -16,4 +14,4 @@ def install_runtime(runtime) -> None:
 def run_inference(job_id: str, spec: dict) -> None:
     if _runtime is None:
         raise RuntimeError("run_inference runs inside `hive worker`, which installs the runtime first")
-    _runtime.run_job(job_id, InferenceRequest.model_validate(spec))
+    _runtime.run_job(job_id, spec)

@@ -1,0 +1,214 @@
+"""Relay overhead: tokens/s and warm time to first token, in-process versus
+through hive + Redis + SSE, side by side in one run.
+
+    python -m bench.relay                 # both models, 5 runs each, writes docs/benchmarks.md
+    python -m bench.relay --runs 3 --no-write
+
+For each model the same worker code generates the same tokens (greedy, same
+prompt) twice per round: once in this process (the reference: what the model
+costs) and once submitted to a real `hive serve` with a real `hive worker`,
+followed over SSE (what a client sees). Rounds alternate the two, so drift on a
+shared machine hits both alike. Figures are medians with min–max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from httpx_sse import connect_sse
+
+from tests import processes
+from tests.tiny_models import build_model
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+#: name → (build_model kwargs, tokens per run)
+MODELS = {
+    "tiny": (dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128), 256),
+    # Shaped like SmolLM2-135M (a 135M-parameter Llama), random weights.
+    "llama-135m": (
+        dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=49152, shards=2),
+        64,
+    ),
+}
+
+
+@dataclass
+class Run:
+    ttft_ms: float
+    tokens: int
+    tokens_per_s: float
+
+
+def rate(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def in_process_run(model, tokenizer, max_tokens: int) -> Run:
+    from shared.spec import InferenceRequest
+    from worker.generate import SamplingParams, generate_tokens
+    from worker.runtime import encode_prompt
+
+    request = InferenceRequest(model="bench/x", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+    start = time.perf_counter()
+    ids = encode_prompt(tokenizer, request)
+    times = [time.perf_counter() for _ in generate_tokens(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, temperature=0))]
+    return Run((times[0] - start) * 1000, len(times), rate(times))
+
+
+def hive_run(client: httpx.Client, model: str, max_tokens: int) -> Run:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    start = time.perf_counter()
+    job = client.post("/v1/inference", json=body).json()
+    times: list[float] = []
+    with connect_sse(client, "GET", job["sse_url"]) as source:
+        for sse in source.iter_sse():
+            if sse.event == "token":
+                times.append(time.perf_counter())
+            elif sse.event == "error":
+                raise RuntimeError(sse.data)
+            elif sse.data == "[DONE]":
+                break
+    return Run((times[0] - start) * 1000, len(times), rate(times))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{format(median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def bench_model(name: str, folder: Path, client: httpx.Client, runs: int, max_tokens: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from worker.loader import load_layer_by_layer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_layer_by_layer(folder, torch.device("cpu"))
+    repo = f"bench/{name}"
+    hive_run(client, repo, 2)  # the worker downloads and loads it: later runs are warm
+    in_process_run(model, tokenizer, 2)  # warm the reference path alike
+    local, relayed = [], []
+    for _ in range(runs):
+        local.append(in_process_run(model, tokenizer, max_tokens))
+        relayed.append(hive_run(client, repo, max_tokens))
+    del model
+    return {"local": local, "hive": relayed}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}, CPU only"
+
+
+def report(results: dict, runs: int) -> str:
+    lines = [
+        "| model | tokens/run | in-process tok/s | through hive tok/s | ratio (target) | in-process TTFT ms | hive TTFT ms | TTFT added ms (target) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        local_rate = [x.tokens_per_s for x in r["local"]]
+        hive_rate = [x.tokens_per_s for x in r["hive"]]
+        ratios = [h / l for h, l in zip(hive_rate, local_rate)]
+        added = [h.ttft_ms - l.ttft_ms for h, l in zip(r["hive"], r["local"])]
+        target = "≥ 0.95" if name == "llama-135m" else "report"
+        lines.append(
+            f"| {name} | {r['hive'][0].tokens} | {spread(local_rate, '.1f')} | {spread(hive_rate, '.1f')} | "
+            f"{median(ratios):.3f}× ({target}) | {spread([x.ttft_ms for x in r['local']], '.1f')} | "
+            f"{spread([x.ttft_ms for x in r['hive']], '.1f')} | {spread(added, '+.1f')} (≤ +20) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = parser.parse_args()
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="hive-bench-") as tmp:
+        tmp_path = Path(tmp)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        for name in args.models.split(","):
+            print(f"building {name}…", file=sys.stderr)
+            build_model(tmp_path / "hub" / "bench" / name, **MODELS[name][0])
+        redis_proc, redis_url = processes.start_redis(logs)
+        hub_proc, hub_url = processes.start_hub(tmp_path / "hub", logs)
+        port = processes.free_port()
+        url = f"http://127.0.0.1:{port}"
+        hive = processes.start("hive", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"), logs)
+        worker = processes.start(
+            "worker",
+            processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning"),
+            logs,
+            env={"HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "hf")},
+        )
+        try:
+            processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, 120, "hive and worker", (hive, worker))
+            with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=300)) as client:
+                for name in args.models.split(","):
+                    print(f"benchmarking {name}…", file=sys.stderr)
+                    results[name] = bench_model(name, tmp_path / "hub" / "bench" / name, client, args.runs, MODELS[name][1])
+        finally:
+            for proc in (worker, hive, hub_proc, redis_proc):
+                proc.stop()
+
+    table = report(results, args.runs)
+    print(table)
+    raw = {name: {k: [vars(x) for x in v] for k, v in r.items()} for name, r in results.items()}
+    if not args.no_write:
+        write_doc(table, args.runs, raw)
+
+
+def write_doc(table: str, runs: int, raw: dict) -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    section = f"""## Relay overhead: tokens/s and warm time to first token
+
+Command: `python -m bench.relay --runs {runs}` (or `make bench`). Machine: {machine()}.
+Measured {time.strftime('%Y-%m-%d')}.
+
+Each round generates the same greedy tokens from the same prompt twice: in the benchmark's own
+process with the worker's code (the reference), and through `POST /v1/inference` + the SSE
+stream of a real `hive serve` and `hive worker` on a real redis-server (what a client sees,
+timed at the client). Tokens/s counts from the first token to the last; TTFT runs from the call
+(the POST for the hive) to the first token. Medians over {runs} rounds, min–max in brackets;
+ratio and added TTFT are per round, then the median.
+
+{table}
+
+The random-weights 135M model's tokenizer is the tests' 384-token BPE: most of its 49,152 ids
+decode to no text, so its token events carry little text; the event count, the per-token work
+and the model's compute are those of the real thing.
+
+Raw runs:
+
+```json
+{json.dumps(raw, indent=1)}
+```
+"""
+    header = "# Benchmarks\n\nFigures measured on this project's machines, each with the command that reproduces it.\n\n"
+    doc.write_text(header + section)
+    print(f"wrote {doc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
