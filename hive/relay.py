@@ -115,22 +115,22 @@ class EventRelay:
         frames = []
         for entry_id, fields in entries:
             seq = events.seq_of(entry_id)
-            type_, data = _field(fields, "e"), _field(fields, "d")
+            type_, data = fields["e"], fields["d"]
             frames.append((seq, type_, events.sse_frame(seq, type_, data)))
         return frames
 
     async def _ended_by(self, job_id: str, last: int) -> bool:
         """Whether the job's log ends with a terminal event at or before ``last``."""
         tail = await self.redis.xrevrange(keys.job_events(job_id), count=1)
-        return bool(tail) and events.seq_of(tail[0][0]) <= last and _field(tail[0][1], "e") in TERMINAL_TYPES
+        return bool(tail) and events.seq_of(tail[0][0]) <= last and tail[0][1]["e"] in TERMINAL_TYPES
 
     async def follow(self, job_id: str, last_id: int = 0) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
         the terminal event."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=FOLLOWER_BUFFER)
-        await self._join(job_id, queue)
         last = last_id
         try:
+            await self._join(job_id, queue)
             pending: list[Frame] = await self.read_log(job_id, last)
             from_log = True
             if not pending and await self._ended_by(job_id, last):
@@ -155,19 +155,13 @@ class EventRelay:
                 if gap:
                     pending, from_log = await self.read_log(job_id, last), True
                     continue
-                try:
-                    pending, from_log = [await asyncio.wait_for(queue.get(), CATCH_UP_S)], False
-                except asyncio.TimeoutError:
-                    pending, from_log = await self.read_log(job_id, last), True
-                    continue
-                while not queue.empty():
-                    pending.append(queue.get_nowait())
+                pending, from_log = [], False
+                if queue.empty():  # only an idle follower pays for a timer
+                    try:
+                        pending.append(await asyncio.wait_for(queue.get(), CATCH_UP_S))
+                    except asyncio.TimeoutError:
+                        pending, from_log = await self.read_log(job_id, last), True
+                        continue
+                pending.extend(queue.get_nowait() for _ in range(queue.qsize()))
         finally:
             await self._leave(job_id, queue)
-
-
-def _field(fields: dict, name: str) -> str:
-    value = fields.get(name)
-    if value is None:
-        value = fields.get(name.encode())
-    return value.decode() if isinstance(value, bytes) else value

@@ -33,7 +33,7 @@ def test_run_prints_tokens_to_stdout_and_progress_to_stderr(cluster):
 
 
 def test_run_reads_the_url_from_the_environment(cluster):
-    result = hive("run", "--model", "acme/tiny", "--max-tokens", "2", "hi", env={"HIVE_URL": cluster.url})
+    result = hive("run", "--model", "acme/tiny", "--max-tokens", "2", "--temperature", "0", "hi", env={"HIVE_URL": cluster.url})
     assert result.returncode == 0, result.stderr
 
 
@@ -68,7 +68,7 @@ def test_up_answers_a_prompt_with_no_redis_server_installed(tmp_path: Path):
     (bin_dir / "python").symlink_to(sys.executable)
     env = {"PATH": str(bin_dir), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
     port = str(processes.free_port())
-    result = hive("up", "--port", port, "--max-tokens", "8", "--run", "Hello", env=env, timeout=110)
+    result = hive("up", "--port", port, "--max-tokens", "8", "--temperature", "0", "--run", "Hello", env=env, timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "embedded in-memory Redis" in result.stderr
     assert "download" in result.stderr and "loading" in result.stderr

@@ -96,9 +96,9 @@ def test_download_and_loading_report_real_growing_numbers(cluster, model_root: P
 
 
 def test_warm_second_job_has_no_download_or_loading(cluster):
-    _, first = run_job(cluster.url, model="acme/tiny-warm", prompt=PROMPT, max_tokens=3)
+    _, first = run_job(cluster.url, model="acme/tiny-warm", prompt=PROMPT, max_tokens=3, temperature=0)
     assert "download" in types(first)
-    _, second = run_job(cluster.url, model="acme/tiny-warm", prompt=PROMPT, max_tokens=3)
+    _, second = run_job(cluster.url, model="acme/tiny-warm", prompt=PROMPT, max_tokens=3, temperature=0)
     assert types(second) == ["queued", "ready", "started", "token", "token", "token", "end"]
     ready = next(r.json() for r in events(second) if r.event == "ready")
     assert ready["warm"] is True
@@ -115,14 +115,14 @@ def test_cached_model_sends_one_cached_download_event(cluster, slow_cluster):
 
 
 def test_late_client_gets_the_full_replay(cluster):
-    job, live = run_job(cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8)
+    job, live = run_job(cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     late = follow(cluster.url, job["sse_url"])
     assert [(r.id, r.event, r.data) for r in late] == [(r.id, r.event, r.data) for r in live]
     assert late[0].event == "queued" and late[0].id == "1"
 
 
 def test_last_event_id_resumes_exactly_after_that_event(cluster):
-    job, full = run_job(cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8)
+    job, full = run_job(cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     body = events(full)
     for cut in (1, 4, len(body) - 1, len(body)):
         resumed = follow(cluster.url, job["sse_url"], last_event_id=body[cut - 1].id)
@@ -131,7 +131,7 @@ def test_last_event_id_resumes_exactly_after_that_event(cluster):
 
 
 def test_reconnect_mid_stream_loses_and_repeats_nothing(slow_cluster):
-    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=10)
+    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=10, temperature=0)
     first = follow(slow_cluster.url, job["sse_url"], limit=3)
     rest = follow(slow_cluster.url, job["sse_url"], last_event_id=first[-1].id)
     combined = first + rest
@@ -141,7 +141,7 @@ def test_reconnect_mid_stream_loses_and_repeats_nothing(slow_cluster):
 
 
 def test_concurrent_followers_see_identical_streams(slow_cluster):
-    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8)
+    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     results: dict[int, list] = {}
 
     def reader(k: int) -> None:
@@ -159,7 +159,8 @@ def test_concurrent_followers_see_identical_streams(slow_cluster):
 
 def test_tokens_reach_the_client_as_they_are_generated(slow_cluster):
     # The slow worker pauses 100 ms after each token: 20 tokens take ~2 s to make.
-    job = submit(slow_cluster.url, model="acme/tiny-slow", prompt=PROMPT, max_tokens=20)
+    # Greedy: the random model's tokens are fixed, and they hold no end-of-sequence.
+    job = submit(slow_cluster.url, model="acme/tiny-slow", prompt=PROMPT, max_tokens=20, temperature=0)
     received = follow(slow_cluster.url, job["sse_url"])
     tokens = [r for r in received if r.event == "token"]
     assert len(tokens) == 20
