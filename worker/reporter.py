@@ -16,35 +16,49 @@ from shared.events import Event
 from shared.spec import JobState
 
 
+def _record_fields(state: JobState | None, fields: dict) -> dict[str, str]:
+    if state is not None:
+        fields[jobs.STATE] = state.value
+    return {k: str(v) for k, v in fields.items()}
+
+
 class JobReporter:
-    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int):
+    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int, **fields):
+        """Takes the job (``fields`` go to its record) in one round trip."""
         self.redis = connection
         self.job_id = job_id
         self.ttl_s = ttl_s
         self._log_key = keys.job_events(job_id)
         self._channel = keys.job_channel(job_id)
+        pipe = connection.pipeline(transaction=False)
+        pipe.xrevrange(self._log_key, count=1)
+        pipe.expire(self._log_key, ttl_s)
+        if fields:
+            pipe.hset(keys.job(job_id), mapping=_record_fields(None, fields))
+        last = pipe.execute()[0]
         # Go on from the last event in the log (the hive wrote `queued`).
-        last = connection.xrevrange(self._log_key, count=1)
         self.seq = events.seq_of(last[0][0]) if last else 0
-        connection.expire(self._log_key, ttl_s)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, state: JobState | None = None, **fields) -> None:
+        """Appends and publishes ``event``; ``state`` and ``fields`` update the
+        record in the same round trip."""
         self.seq += 1
         data = event.to_json()
         pipe = self.redis.pipeline(transaction=False)
+        if state is not None or fields:
+            pipe.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
         pipe.xadd(self._log_key, {"e": event.type, "d": data}, id=events.stream_id(self.seq))
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()
 
     def update(self, state: JobState | None = None, **fields) -> None:
-        if state is not None:
-            fields[jobs.STATE] = state.value
-        self.redis.hset(keys.job(self.job_id), mapping={k: str(v) for k, v in fields.items()})
+        self.redis.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
 
     def finish(self, final_event: Event, state: JobState, **fields) -> None:
         """The terminal event and the final state; the TTLs restart from now."""
-        self.update(state, **{jobs.FINISHED_AT: time.time(), **fields})
-        self.emit(final_event)
+        # The record is final before the event is out: a client that reads the
+        # status on `end` sees the job completed.
+        self.emit(final_event, state, **{jobs.FINISHED_AT: time.time(), **fields})
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self._log_key, self.ttl_s)
         pipe.expire(keys.job(self.job_id), self.ttl_s)

@@ -65,8 +65,9 @@ class WorkerRuntime:
         self.models = ModelCache(self.device, settings.dtype)
 
     def run_job(self, job_id: str, spec: dict) -> None:
-        reporter = JobReporter(self.redis, job_id, self.settings.job_ttl_s)
-        reporter.update(**{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()})
+        reporter = JobReporter(
+            self.redis, job_id, self.settings.job_ttl_s, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()}
+        )
         try:
             self._run(job_id, InferenceRequest.model_validate(spec), reporter)
         except Exception as e:  # job boundary: every failure ends the stream with an error event
@@ -102,8 +103,7 @@ class WorkerRuntime:
             stop=tuple(request.stop),
         )
         started_at = time.time()
-        reporter.update(JobState.running, **{jobs.STARTED_AT: started_at})
-        reporter.emit(Started(job_id, request.model, self.name, started_at))
+        reporter.emit(Started(job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
 
         delay_s = self.settings.token_delay_ms / 1000
         pieces: list[str] = []
