@@ -114,29 +114,24 @@ def embedded_redis(console: Console) -> Iterator[str]:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     exe = shutil.which("redis-server")
-    if exe:
-        process = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            _wait_for_redis(url, process)
-            console.print(f"[dim]redis: {exe} on port {port}[/]")
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
-        return
-    server = _fake_redis_server(port)
-    thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
-    thread.start()
-    try:
-        _wait_for_redis(url, None)
-        console.print(f"[dim]redis: no redis-server on PATH; embedded in-memory Redis (fakeredis) on port {port}[/]")
+    with contextlib.ExitStack() as stack:
+        process = None
+        if exe:
+            process = subprocess.Popen(
+                [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            )
+            stack.callback(stop_process, process)
+            what = exe
+        else:
+            server = _fake_redis_server(port)
+            threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True).start()
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            what = "no redis-server on PATH; embedded in-memory Redis (fakeredis)"
+        _wait_for_redis(url, process)
+        console.print(f"[dim]redis: {what} on port {port}[/]")
         yield url
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def start_worker(settings: Settings, hf_endpoint: str, verbose: bool) -> subprocess.Popen:

@@ -33,10 +33,17 @@ FOLLOWER_BUFFER = 4096
 Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
 
 
+@dataclass(eq=False)
+class _Follower:
+    queue: asyncio.Queue
+    #: Frames were dropped on a full queue: read the log before waiting again.
+    lagging: bool = False
+
+
 @dataclass
 class _Channel:
     subscribed: asyncio.Future
-    followers: set[asyncio.Queue] = field(default_factory=set)
+    followers: set[_Follower] = field(default_factory=set)
 
 
 class EventRelay:
@@ -44,6 +51,9 @@ class EventRelay:
         self.redis = connection
         self.pubsub = connection.pubsub()
         self._channels: dict[str, _Channel] = {}
+        # SUBSCRIBEs sent per channel and not yet confirmed: after a quick
+        # unsubscribe/resubscribe only the last confirmation means "subscribed now".
+        self._unconfirmed: dict[str, int] = {}
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -76,6 +86,11 @@ class EventRelay:
         channel = message["channel"]
         if isinstance(channel, bytes):
             channel = channel.decode()
+        if message["type"] == "subscribe" and channel in self._unconfirmed:
+            self._unconfirmed[channel] -= 1
+            if self._unconfirmed[channel]:
+                return
+            del self._unconfirmed[channel]
         entry = self._channels.get(channel)
         if entry is None:
             return
@@ -85,27 +100,28 @@ class EventRelay:
         elif message["type"] == "message":
             seq, type_, data = events.parse_live_message(message["data"])
             frame = (seq, type_, events.sse_frame(seq, type_, data))
-            for queue in entry.followers:
+            for follower in entry.followers:
                 try:
-                    queue.put_nowait(frame)
+                    follower.queue.put_nowait(frame)
                 except asyncio.QueueFull:
-                    pass  # the follower sees the gap and reads the log instead
+                    follower.lagging = True
 
-    async def _join(self, job_id: str, queue: asyncio.Queue) -> None:
+    async def _join(self, job_id: str, follower: _Follower) -> None:
         channel = keys.job_channel(job_id)
         entry = self._channels.get(channel)
         if entry is None:
             entry = self._channels[channel] = _Channel(asyncio.get_running_loop().create_future())
+            self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
             await self.pubsub.subscribe(channel)
-        entry.followers.add(queue)
+        entry.followers.add(follower)
         await asyncio.wait_for(asyncio.shield(entry.subscribed), SUBSCRIBE_TIMEOUT_S)
 
-    async def _leave(self, job_id: str, queue: asyncio.Queue) -> None:
+    async def _leave(self, job_id: str, follower: _Follower) -> None:
         channel = keys.job_channel(job_id)
         entry = self._channels.get(channel)
         if entry is None:
             return
-        entry.followers.discard(queue)
+        entry.followers.discard(follower)
         if not entry.followers:
             del self._channels[channel]
             await self.pubsub.unsubscribe(channel)
@@ -127,10 +143,11 @@ class EventRelay:
     async def follow(self, job_id: str, last_id: int = 0) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
         the terminal event."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=FOLLOWER_BUFFER)
+        follower = _Follower(asyncio.Queue(maxsize=FOLLOWER_BUFFER))
+        queue = follower.queue
         last = last_id
         try:
-            await self._join(job_id, queue)
+            await self._join(job_id, follower)
             pending: list[Frame] = await self.read_log(job_id, last)
             from_log = True
             if not pending and await self._ended_by(job_id, last):
@@ -156,6 +173,10 @@ class EventRelay:
                     pending, from_log = await self.read_log(job_id, last), True
                     continue
                 pending, from_log = [], False
+                if queue.empty() and follower.lagging:  # what was dropped is in the log
+                    follower.lagging = False
+                    pending, from_log = await self.read_log(job_id, last), True
+                    continue
                 if queue.empty():  # only an idle follower pays for a timer
                     try:
                         pending.append(await asyncio.wait_for(queue.get(), CATCH_UP_S))
@@ -164,4 +185,4 @@ class EventRelay:
                         continue
                 pending.extend(queue.get_nowait() for _ in range(queue.qsize()))
         finally:
-            await self._leave(job_id, queue)
+            await self._leave(job_id, follower)

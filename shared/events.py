@@ -10,7 +10,7 @@ The JSON object always carries ``"event": <type>`` as its first field.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -21,7 +21,8 @@ class Event:
     type: ClassVar[str]
 
     def to_json(self) -> str:
-        return json.dumps({"event": self.type, **asdict(self)}, ensure_ascii=False, separators=(",", ":"))
+        # Fields are flat: vars() is asdict() without its deep copy (this runs per token).
+        return json.dumps({"event": self.type, **vars(self)}, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,10 @@ def encode_prompt(tokenizer, request: InferenceRequest) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest(f"{request.model} has no chat template: send 'prompt' instead of 'messages'")
         messages = [m.model_dump() for m in request.messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja's TemplateError, raise_exception() in templates
+            raise InvalidRequest(f"{request.model}'s chat template rejected these messages: {e}") from e
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(request.prompt)["input_ids"]

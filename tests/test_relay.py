@@ -1,0 +1,54 @@
+"""The hive's relay against a real redis-server, with the worker's own publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from hive import relay as relay_module
+from hive.relay import EventRelay
+from shared.events import DONE_FRAME, End, Queued, Token
+from worker.reporter import JobReporter
+
+pytestmark = pytest.mark.e2e
+
+
+def ids_of(frames: list[bytes]) -> list[int]:
+    return [int(f.split(b"\n", 1)[0].removeprefix(b"id: ")) for f in frames if f != DONE_FRAME]
+
+
+async def _follow_while_publishing(redis_url: str, followers: int, tokens: int) -> list[list[bytes]]:
+    connection = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    relay = EventRelay(connection)
+    await relay.start()
+    job_id = uuid.uuid4().hex
+    sync = redis.Redis.from_url(redis_url)
+    reporter = JobReporter(sync, job_id, 60)
+    reporter.emit(Queued(1))
+    streams = [relay.follow(job_id) for _ in range(followers)]
+    received: list[list[bytes]] = [[await anext(s)] for s in streams]  # each has joined
+    for i in range(tokens):
+        reporter.emit(Token(f"t{i}", i))
+    reporter.emit(End(tokens, 1.0, 1.0, "max_tokens"))
+    for stream, frames in zip(streams, received):
+        frames.extend([frame async for frame in stream])
+    assert relay.followers == 0  # everyone left: the channel is released
+    await relay.stop()
+    await connection.aclose()
+    sync.close()
+    return received
+
+
+def test_followers_with_tiny_buffers_get_every_event_once_in_order(redis_url, monkeypatch):
+    # Two frames of buffer: a follower that falls behind reads the rest from the log,
+    # at once, not after the idle catch-up timer (made long here, so a stall fails).
+    monkeypatch.setattr(relay_module, "FOLLOWER_BUFFER", 2)
+    monkeypatch.setattr(relay_module, "CATCH_UP_S", 60.0)
+    received = asyncio.run(asyncio.wait_for(_follow_while_publishing(redis_url, followers=3, tokens=200), 20))
+    for frames in received:
+        assert ids_of(frames) == list(range(1, 203))
+        assert frames[-1] == DONE_FRAME
