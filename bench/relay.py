@@ -165,7 +165,7 @@ def report(results: dict, runs: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="throughput rounds per model")
+    parser.add_argument("--runs", type=int, default=15, help="throughput rounds per model")
     parser.add_argument("--ttft-runs", type=int, default=20, help="one-token rounds per model, for time to first token")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
