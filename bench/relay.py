@@ -232,11 +232,12 @@ event (HTTP, enqueue, the worker's pickup), and the worker's own prefill-to-firs
 
 {table}
 
-Where the time goes: before the first token, about 10 ms from the POST to the `started` event
-(the POST's enqueue in one MULTI, RQ's pickup and job bookkeeping in the worker, the worker's
-own record and `ready`/`started` events); per token, one pipelined XADD + PUBLISH round trip in
-the worker, and the hive and the client sharing this machine's two cores with torch's two
-threads. On a 1.9 ms-per-token model that is about a fifth; on a 55 ms-per-token model, noise.
+Where the time goes: before the first token, the "submit → started" column (the POST's enqueue in
+one MULTI, RQ's pickup and job bookkeeping in the worker, the worker's own record and its
+`ready` and `started` events); per token (the "relay adds" lines), one pipelined XADD + PUBLISH
+round trip in the worker, and the hive, redis-server and the client sharing this machine's two
+cores with torch's two threads. That is a large share of a 2 ms token and a small one of a
+57 ms token; the spread of the 135M rows is this shared machine's noise.
 
 The random-weights 135M model's tokenizer is the tests' 384-token BPE: most of its 49,152 ids
 decode to no text, so its token events carry little text; the event count, the per-token work
