@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import httpx
 from httpx_sse import connect_sse
@@ -39,10 +40,9 @@ class StreamView:
     """Renders one job's events: rich progress bars, then the tokens."""
 
     err: Console
-    out = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)
     progress: Progress | None = None
     tasks: dict[str, int] = field(default_factory=dict)
-    end: dict | None = None
     error: dict | None = None
 
     def _bars(self) -> Progress:
@@ -93,7 +93,6 @@ class StreamView:
             self.out.write(data["t"])
             self.out.flush()
         elif event == "end":
-            self.end = data
             self.out.write("\n")
             self.out.flush()
             rate = data["tokens_out"] / (data["decode_time_ms"] / 1000) if data["decode_time_ms"] else 0.0
