@@ -33,6 +33,8 @@ async def read_json_body(request: Request, limit: int) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "INVALID_JSON", f"the body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ApiError(400, "INVALID_JSON", "the body's JSON is nested too deeply") from e
 
 
 def validation_error(e: ValidationError) -> ApiError:

@@ -43,6 +43,10 @@ def job_keys(redis_client) -> set[str]:
 BAD_BODIES = [
     ("not json", b"{model: tiny", 400, "INVALID_JSON"),
     ("empty body", b"", 400, "INVALID_JSON"),
+    ("invalid utf-8", b'{"model": "\xff\xfe"}', 400, "INVALID_JSON"),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400, "INVALID_JSON"),
+    ("lone surrogate", b'{"model": "acme/tiny", "prompt": "\\ud800"}', 422, "INVALID_REQUEST"),
+    ("NaN temperature", b'{"model": "acme/tiny", "prompt": "hi", "temperature": NaN}', 422, "INVALID_REQUEST"),
     ("a list", b"[1, 2]", 422, "INVALID_REQUEST"),
     ("a string", b'"prompt"', 422, "INVALID_REQUEST"),
     ("no model", {"prompt": "hi"}, 422, "INVALID_REQUEST"),
