@@ -15,6 +15,7 @@ from starlette.routing import Route
 from shared.spec import InferenceRequest
 
 from .errors import ApiError
+from .jobs import JobFinished, JobNotFound
 
 JOB_ID_CHARS = frozenset("0123456789abcdef")
 
@@ -83,6 +84,20 @@ async def job_status(request: Request) -> Response:
     return JSONResponse(status)
 
 
+async def cancel_job(request: Request) -> Response:
+    """Cancels a job in any phase. 200 when it ended at once (it was queued),
+    202 while its worker stops it (within a token, a chunk or a layer)."""
+    job_id = checked_job_id(request)
+    try:
+        state = await request.app.state.hive.jobs.cancel(job_id)
+    except JobNotFound:
+        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)") from None
+    except JobFinished as e:
+        raise ApiError(409, "JOB_FINISHED", f"{e}; nothing to cancel") from None
+    urls = job_urls(job_id)
+    return JSONResponse({"job_id": job_id, "state": state, **urls}, status_code=200 if state == "cancelled" else 202)
+
+
 def last_event_id(request: Request) -> int:
     """Where a reconnecting client left off: the ``Last-Event-ID`` header (what
     EventSource sends), or ``?last_event_id=`` for clients that cannot set headers."""
@@ -96,10 +111,14 @@ async def job_stream(request: Request) -> Response:
     job_id = checked_job_id(request)
     hive = request.app.state.hive
     after = last_event_id(request)
-    if not await hive.jobs.exists(job_id):
+    record = await hive.jobs.record(job_id)
+    if record is None:
         raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    on_abandon = None
+    if json.loads(record.get("spec") or "{}").get("cancel_on_disconnect"):
+        on_abandon = hive.jobs.cancel
     return EventSourceResponse(
-        hive.relay.follow(job_id, after),
+        hive.relay.follow(job_id, after, on_abandon),
         ping=hive.settings.sse_ping_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -122,5 +141,6 @@ routes = [
     Route("/health", health, methods=["GET"]),
     Route("/v1/inference", submit_inference, methods=["POST"]),
     Route("/v1/inference/{job_id}", job_status, methods=["GET"]),
+    Route("/v1/inference/{job_id}", cancel_job, methods=["DELETE"]),
     Route("/v1/inference/{job_id}/stream", job_stream, methods=["GET"]),
 ]

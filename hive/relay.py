@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -55,6 +55,7 @@ class EventRelay:
         # unsubscribe/resubscribe only the last confirmation means "subscribed now".
         self._unconfirmed: dict[str, int] = {}
         self._reader: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         # A channel of our own keeps the connection subscribed while no job is followed.
@@ -116,15 +117,18 @@ class EventRelay:
         entry.followers.add(follower)
         await asyncio.wait_for(asyncio.shield(entry.subscribed), SUBSCRIBE_TIMEOUT_S)
 
-    async def _leave(self, job_id: str, follower: _Follower) -> None:
+    def _leave(self, job_id: str, follower: _Follower) -> bool:
+        """Returns whether that was the job's last follower on this hive (then its
+        channel is to be unsubscribed)."""
         channel = keys.job_channel(job_id)
         entry = self._channels.get(channel)
         if entry is None:
-            return
+            return False
         entry.followers.discard(follower)
-        if not entry.followers:
-            del self._channels[channel]
-            await self.pubsub.unsubscribe(channel)
+        if entry.followers:
+            return False
+        del self._channels[channel]
+        return True
 
     async def read_log(self, job_id: str, after: int) -> list[Frame]:
         entries = await self.redis.xrange(keys.job_events(job_id), min=events.stream_id(after + 1))
@@ -140,17 +144,22 @@ class EventRelay:
         tail = await self.redis.xrevrange(keys.job_events(job_id), count=1)
         return bool(tail) and events.seq_of(tail[0][0]) <= last and tail[0][1]["e"] in TERMINAL_TYPES
 
-    async def follow(self, job_id: str, last_id: int = 0) -> AsyncIterator[bytes]:
+    async def follow(
+        self, job_id: str, last_id: int = 0, on_abandon: Callable[[str], Awaitable] | None = None
+    ) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
-        the terminal event."""
+        the terminal event. ``on_abandon(job_id)`` runs when the last follower of
+        an unfinished job goes away (``cancel_on_disconnect``)."""
         follower = _Follower(asyncio.Queue(maxsize=FOLLOWER_BUFFER))
         queue = follower.queue
         last = last_id
+        finished = False
         try:
             await self._join(job_id, follower)
             pending: list[Frame] = await self.read_log(job_id, last)
             from_log = True
             if not pending and await self._ended_by(job_id, last):
+                finished = True
                 yield DONE_FRAME  # resumed after the job's last event
                 return
             while True:
@@ -158,15 +167,18 @@ class EventRelay:
                 for seq, type_, frame in pending:
                     if seq <= last:
                         if type_ in TERMINAL_TYPES:  # the client is past the end already
+                            finished = True
                             yield DONE_FRAME
                             return
                         continue  # already sent: it came from the log, then again live
                     if seq > last + 1 and not from_log:
                         gap = True  # a live frame ahead of us: the log has what is between
                         break
+                    if type_ in TERMINAL_TYPES:
+                        finished = True
                     yield frame
                     last = seq
-                    if type_ in TERMINAL_TYPES:
+                    if finished:
                         yield DONE_FRAME
                         return
                 if gap:
@@ -185,4 +197,22 @@ class EventRelay:
                         continue
                 pending.extend(queue.get_nowait() for _ in range(queue.qsize()))
         finally:
-            await self._leave(job_id, follower)
+            alone = self._leave(job_id, follower)
+            if on_abandon is not None and alone and not finished:
+                self._spawn(self._abandon(on_abandon, job_id))
+            if alone:
+                await self.pubsub.unsubscribe(keys.job_channel(job_id))
+
+    def _spawn(self, coroutine) -> None:
+        # Not awaited here: a disconnecting client's stream is being torn down.
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _abandon(on_abandon: Callable[[str], Awaitable], job_id: str) -> None:
+        try:
+            await on_abandon(job_id)
+            log.info("job %s: last follower left; cancelled (cancel_on_disconnect)", job_id)
+        except Exception as e:  # the job may have finished meanwhile; nothing else to do
+            log.info("job %s: last follower left; not cancelled: %s", job_id, e)

@@ -71,8 +71,8 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
         "stop_reason": record.get(STOP_REASON) or None,
         "max_tokens": spec.get("max_tokens"),
     }
-    if state == JobState.completed.value:
-        view["output"] = record.get(OUTPUT, "")
-    if state == JobState.failed.value:
+    if state == JobState.completed.value or OUTPUT in record:
+        view["output"] = record.get(OUTPUT, "")  # partial when cancelled mid-generation
+    if record.get(ERROR_CODE):
         view["error"] = {"code": record.get(ERROR_CODE), "message": record.get(ERROR_MESSAGE)}
     return view

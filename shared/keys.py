@@ -24,6 +24,15 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def job_cancel(job_id: str) -> str:
+    """String: set when the job is to be cancelled; a worker checks it when it takes the job (TTL: JOB_TTL_S)."""
+    return f"{PREFIX}:job:{job_id}:cancel"
+
+
+#: Pub/sub channel carrying the ids of jobs to cancel, for the workers running them.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying each event the moment it is appended to the log."""
     return f"{PREFIX}:job:{job_id}:live"

@@ -38,6 +38,9 @@ class InferenceRequest(BaseModel):
     top_k: int = Field(default=0, ge=0, le=100_000)  # 0: no top-k filtering
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    #: Cancel the job when its last follower disconnects (default: keep running, the
+    #: two-call pattern lets a client come back with Last-Event-ID).
+    cancel_on_disconnect: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceRequest":
@@ -57,6 +60,7 @@ class JobState(str, enum.Enum):
     running = "running"
     completed = "completed"
     failed = "failed"
+    cancelled = "cancelled"
 
 
-FINAL_STATES = frozenset({JobState.completed, JobState.failed})
+FINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.cancelled})

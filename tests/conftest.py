@@ -52,7 +52,8 @@ def model_root(tmp_path_factory) -> Path:
     tiny = build_model(root / "acme" / "tiny")
     for name in ("tiny-warm", "tiny-slow", "tiny-cli", "tiny-order"):
         shutil.copytree(tiny, root / "acme" / name)
-    build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
+    big = build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
+    shutil.copytree(big, root / "acme" / "big-cancel")
     return root
 
 
@@ -115,6 +116,22 @@ def cluster(clusters) -> Cluster:
 @pytest.fixture(scope="session")
 def slow_cluster(clusters) -> Cluster:
     return clusters[1]
+
+
+@pytest.fixture(scope="session")
+def idle_hive(redis_url, log_dir):
+    """A real `hive serve` on a queue no worker serves: its jobs stay queued."""
+    port = processes.free_port()
+    queue = "hive:test-idle"
+    proc = processes.start(
+        "hive-idle",
+        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, "--sse-ping-s", "0.3"),
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    processes.wait_until(lambda: processes.health(url)["status"] == "ok", 30, "idle hive", (proc,))
+    yield url, queue
+    proc.stop()
 
 
 @pytest.fixture()

@@ -9,27 +9,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests import processes
 from tests.sse import submit
 
 pytestmark = pytest.mark.e2e
 
 GOOD = {"model": "acme/tiny", "prompt": "hi"}
-
-
-@pytest.fixture(scope="module")
-def idle_hive(redis_url, log_dir):
-    port = processes.free_port()
-    queue = "hive:test-idle"
-    proc = processes.start(
-        "hive-idle",
-        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, "--sse-ping-s", "0.3"),
-        log_dir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    processes.wait_until(lambda: processes.health(url)["status"] == "ok", 30, "idle hive", (proc,))
-    yield url, queue
-    proc.stop()
 
 
 def queue_length(redis_client, queue: str) -> int:

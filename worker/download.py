@@ -87,7 +87,13 @@ class DownloadProgress:
     """Whole-model byte counts, throttled to PROGRESS_PER_S events; the last event
     always shows the full size."""
 
-    def __init__(self, files: list[RemoteFile], emit: Callable[[Download], None], clock=time.monotonic):
+    def __init__(
+        self,
+        files: list[RemoteFile],
+        emit: Callable[[Download], None],
+        clock=time.monotonic,
+        check: Callable[[], None] = lambda: None,
+    ):
         self.files_total = len(files)
         self.bytes_total = sum(f.size for f in files)
         self.bytes_downloaded = 0
@@ -95,6 +101,7 @@ class DownloadProgress:
         self.file: str | None = None
         self._emit = emit
         self._clock = clock
+        self._check = check
         self._last_emit = float("-inf")
 
     def _send(self, force: bool = False) -> None:
@@ -110,6 +117,7 @@ class DownloadProgress:
         self._send()
 
     def add_bytes(self, n: int) -> None:
+        self._check()  # raising here stops huggingface_hub between two chunks
         self.bytes_downloaded += n
         self._send()
 
@@ -123,10 +131,13 @@ def _wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS)
 
 
-def fetch_model(repo_id: str, revision: str | None, emit: Callable[[Download], None]) -> Path:
+def fetch_model(
+    repo_id: str, revision: str | None, emit: Callable[[Download], None], check: Callable[[], None] = lambda: None
+) -> Path:
     """Downloads what is missing from the hub cache and returns the snapshot folder.
 
     A model that is already complete in the cache emits a single ``cached`` event.
+    ``check`` runs between chunks and files; what it raises stops the download.
     """
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import (
@@ -163,9 +174,10 @@ def fetch_model(repo_id: str, revision: str | None, emit: Callable[[Download], N
         return Path(next(iter(cached.values()))).parent
 
     constants.DOWNLOAD_CHUNK_SIZE = HUB_CHUNK_BYTES
-    progress = DownloadProgress(files, emit)
+    progress = DownloadProgress(files, emit, check=check)
     folder: Path | None = None
     for f in files:
+        check()
         progress.start_file(f.name)
         if isinstance(cached[f.name], str):
             folder = Path(cached[f.name]).parent
@@ -175,6 +187,7 @@ def fetch_model(repo_id: str, revision: str | None, emit: Callable[[Download], N
         try:
             path = hf_hub_download(repo_id, f.name, revision=info.sha, tqdm_class=sink)  # type: ignore[arg-type]
         except Exception as e:
+            check()  # a cancel stops the download with the cancel, not as a failure
             raise DownloadFailed(f"{repo_id}/{f.name}: {e}") from e
         folder = Path(path).parent
         progress.finish_file()

@@ -32,12 +32,15 @@ class JobReporter:
         self._channel = keys.job_channel(job_id)
         pipe = connection.pipeline(transaction=False)
         pipe.xrevrange(self._log_key, count=1)
+        pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)
         if fields:
             pipe.hset(keys.job(job_id), mapping=_record_fields(None, fields))
-        last = pipe.execute()[0]
+        last, cancel_flag = pipe.execute()[:2]
         # Go on from the last event in the log (the hive wrote `queued`).
         self.seq = events.seq_of(last[0][0]) if last else 0
+        #: The job was cancelled before this worker took it.
+        self.cancelled_before_start = bool(cancel_flag)
 
     def emit(self, event: Event, state: JobState | None = None, **fields) -> None:
         """Appends and publishes ``event``; ``state`` and ``fields`` update the

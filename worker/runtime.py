@@ -20,6 +20,7 @@ from shared.events import End, Error, Loading, Ready, Started, Token
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState
 
+from .cancel import CancelWatcher, JobCancelled
 from .download import fetch_model
 from .generate import SamplingParams, generate_tokens
 from .models import LoadedModel, ModelCache, resolve_device
@@ -66,35 +67,51 @@ class WorkerRuntime:
         self.device = resolve_device(settings.device)
         self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
         self.models = ModelCache(self.device, settings.dtype)
+        self.cancels = CancelWatcher(connection)
 
     def run_job(self, job_id: str, spec: dict) -> None:
-        reporter = JobReporter(
-            self.redis, job_id, self.settings.job_ttl_s, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()}
-        )
+        self.cancels.begin(job_id)
         try:
-            self._run(job_id, InferenceRequest.model_validate(spec), reporter)
-        except Exception as e:  # job boundary: every failure ends the stream with an error event
-            log.exception("job %s failed", job_id)
-            code = error_code(e)
-            message = str(e) or type(e).__name__
-            reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+            reporter = JobReporter(
+                self.redis, job_id, self.settings.job_ttl_s, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()}
+            )
+            if reporter.cancelled_before_start:
+                self.cancels.cancel_current()
+            try:
+                self.cancels.check()
+                self._run(job_id, InferenceRequest.model_validate(spec), reporter)
+            except JobCancelled as e:
+                log.info("job %s cancelled before its first token", job_id)
+                reporter.finish(
+                    Error(e.code, str(e)), JobState.cancelled, **{jobs.ERROR_CODE: e.code, jobs.ERROR_MESSAGE: str(e)}
+                )
+            except Exception as e:  # job boundary: every failure ends the stream with an error event
+                log.exception("job %s failed", job_id)
+                code = error_code(e)
+                message = str(e) or type(e).__name__
+                reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+        finally:
+            self.cancels.end()
 
     def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
         loaded = self.models.get(request.model, request.revision)
         if loaded is not None:
             return loaded, True, 0.0
         reporter.update(JobState.downloading)
-        folder = fetch_model(request.model, request.revision, reporter.emit)
+        folder = fetch_model(request.model, request.revision, reporter.emit, self.cancels.check)
+        self.cancels.check()
         reporter.update(JobState.loading)
 
         def on_layer(p):
             reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
+            self.cancels.check()
 
         loaded = self.models.load(request.model, request.revision, folder, on_layer)
         return loaded, False, loaded.load_ms
 
     def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
         loaded, warm, load_ms = self._model(request, reporter)
+        self.cancels.check()
         reporter.emit(Ready(load_ms, warm))
         prompt_ids = encode_prompt(loaded.tokenizer, request)
         params = SamplingParams(
@@ -122,14 +139,18 @@ class WorkerRuntime:
             count = token.i + 1
             if token.stop_reason:
                 stop_reason = token.stop_reason
-            elif delay_s:
+                break
+            if self.cancels.cancelled:
+                stop_reason = "cancelled"
+                break
+            if delay_s:
                 time.sleep(delay_s)
         end_at = time.perf_counter()
         ttft_ms = round((first_at - start) * 1000, 2)
         decode_ms = round((end_at - first_at) * 1000, 2)
         reporter.finish(
             End(count, decode_ms, ttft_ms, stop_reason),
-            JobState.completed,
+            JobState.cancelled if stop_reason == "cancelled" else JobState.completed,
             **{
                 jobs.OUTPUT: "".join(pieces),
                 jobs.TOKENS_OUT: count,
