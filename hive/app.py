@@ -17,6 +17,7 @@ from shared.settings import Settings
 from .api import routes
 from .errors import EXCEPTION_HANDLERS
 from .jobs import JobService
+from .reaper import LostWorkerReaper
 from .relay import EventRelay
 
 log = logging.getLogger("hive")
@@ -40,11 +41,15 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         sync_connection = redis.Redis.from_url(settings.redis_url)
         relay = EventRelay(aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
         await relay.start()
-        app.state.hive = Hive(settings, JobService(settings, connection, sync_connection), relay)
+        jobs = JobService(settings, connection, sync_connection)
+        reaper = LostWorkerReaper(connection, jobs)
+        reaper.start()
+        app.state.hive = Hive(settings, jobs, relay)
         log.info("hive ready: %r", settings)
         try:
             yield
         finally:
+            await reaper.stop()
             await relay.stop()
             await connection.aclose()
             sync_connection.close()

@@ -87,6 +87,8 @@ class StreamView:
             self.close_bars()
             how = "already loaded" if data["warm"] else f"loaded in {data['load_ms']:.0f} ms"
             self.err.print(f"[dim]model ready ({how})[/]")
+        elif event == "retry":
+            self.err.print(f"[yellow]retrying (attempt {data['attempt']}): {data['reason']}[/]")
         elif event == "started":
             self.err.print(f"[dim]generating on {data['worker']}[/]")
         elif event == "token":

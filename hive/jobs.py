@@ -6,6 +6,7 @@ one MULTI, so a job is either wholly accepted or not at all.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from shared import events, jobs, keys
-from shared.events import Error, Queued
+from shared.events import Error, Queued, Retry
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState
 
@@ -48,7 +49,6 @@ class JobService:
 
     def _enqueue(self, job_id: str, request: InferenceRequest) -> int:
         ttl = self.settings.job_ttl_s
-        spec = request.model_dump(mode="json")
         position = self.queue.count + 1
         queued = Queued(position)
         with self.queue.connection.pipeline() as pipe:
@@ -61,22 +61,81 @@ class JobService:
                     jobs.MODEL: request.model,
                     jobs.REVISION: request.revision or "",
                     jobs.CREATED_AT: str(time.time()),
+                    jobs.ATTEMPT: "1",
+                    jobs.RQ_ID: job_id,
                 },
             )
             pipe.expire(keys.job(job_id), ttl)
             pipe.xadd(keys.job_events(job_id), {"e": queued.type, "d": queued.to_json()}, id=events.stream_id(1))
             pipe.expire(keys.job_events(job_id), ttl)
-            self.queue.enqueue_call(
-                jobs.RUN_INFERENCE,
-                args=(job_id, spec),
-                job_id=job_id,
-                timeout=self.settings.job_timeout_s,
-                result_ttl=0,
-                failure_ttl=ttl,
-                pipeline=pipe,
-            )
+            self._enqueue_rq(pipe, job_id, job_id, request.model_dump(mode="json"))
             pipe.execute()
         return position
+
+    def _enqueue_rq(self, pipe, job_id: str, rq_id: str, spec: dict) -> None:
+        self.queue.enqueue_call(
+            jobs.RUN_INFERENCE,
+            args=(job_id, spec),
+            job_id=rq_id,
+            timeout=self.settings.job_timeout_s,
+            result_ttl=0,
+            failure_ttl=self.settings.job_ttl_s,
+            pipeline=pipe,
+        )
+
+    def _append_event(self, job_id: str, event, fields: dict[str, str], then=None) -> None:
+        """Appends an event the hive itself writes (a cancel while queued, a retry, a
+        lost worker) after the job's last one, with ``fields`` for its record, in
+        one MULTI; ``then(pipe)`` adds more commands to it. Only for jobs no worker
+        is writing to."""
+        connection = self.queue.connection
+        last = connection.xrevrange(keys.job_events(job_id), count=1)
+        seq = events.seq_of(last[0][0]) + 1 if last else 1
+        data = event.to_json()
+        with connection.pipeline() as pipe:
+            pipe.multi()
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.xadd(keys.job_events(job_id), {"e": event.type, "d": data}, id=events.stream_id(seq))
+            pipe.publish(keys.job_channel(job_id), events.live_message(seq, event.type, data))
+            if then is not None:
+                then(pipe)
+            pipe.execute()
+
+    def _end_here(self, job_id: str, state: JobState, error: Error) -> None:
+        ttl = self.settings.job_ttl_s
+
+        def expire(pipe) -> None:
+            pipe.expire(keys.job(job_id), ttl)
+            pipe.expire(keys.job_events(job_id), ttl)
+
+        fields = {
+            jobs.STATE: state.value,
+            jobs.FINISHED_AT: str(time.time()),
+            jobs.ERROR_CODE: error.code,
+            jobs.ERROR_MESSAGE: error.message,
+        }
+        self._append_event(job_id, error, fields, expire)
+
+    def worker_lost(self, job_id: str) -> str:
+        """The job's worker stopped renewing its lease: retry the job once if it had
+        produced no token yet, else end it with WORKER_LOST. Returns what was done."""
+        record = {k.decode(): v.decode() for k, v in self.queue.connection.hgetall(keys.job(job_id)).items()}
+        if not record or record.get(jobs.STATE) in {s.value for s in FINAL_STATES}:
+            return "nothing"
+        worker = record.get(jobs.WORKER) or "?"
+        attempt = int(record.get(jobs.ATTEMPT) or 1)
+        if not record.get(jobs.FIRST_TOKEN_AT) and attempt < jobs.MAX_ATTEMPTS:
+            attempt += 1
+            rq_id = f"{job_id}-{attempt}"  # RQ ids allow letters, digits, _ and -
+            spec = json.loads(record[jobs.SPEC])
+            fields = {jobs.STATE: JobState.queued.value, jobs.ATTEMPT: str(attempt), jobs.RQ_ID: rq_id, jobs.WORKER: ""}
+            self._append_event(
+                job_id, Retry(attempt, f"worker {worker} lost"), fields, lambda pipe: self._enqueue_rq(pipe, job_id, rq_id, spec)
+            )
+            return "retried"
+        phase = "after its first token" if record.get(jobs.FIRST_TOKEN_AT) else f"on attempt {attempt}"
+        self._end_here(job_id, JobState.failed, Error("WORKER_LOST", f"worker {worker} stopped responding {phase}"))
+        return "failed"
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(keys.job(job_id)))
@@ -97,35 +156,18 @@ class JobService:
             raise JobNotFound(job_id)
         if record.get(jobs.STATE) in {s.value for s in FINAL_STATES}:
             raise JobFinished(record[jobs.STATE])
-        return await run_in_threadpool(self._cancel, job_id)
+        return await run_in_threadpool(self._cancel, job_id, record.get(jobs.RQ_ID) or job_id)
 
-    def _cancel(self, job_id: str) -> str:
-        connection = self.queue.connection
-        ttl = self.settings.job_ttl_s
-        with connection.pipeline(transaction=False) as pipe:
+    def _cancel(self, job_id: str, rq_id: str) -> str:
+        with self.queue.connection.pipeline(transaction=False) as pipe:
             # Flag first, then tell the workers: one taking the job now reads the flag.
-            pipe.set(keys.job_cancel(job_id), "1", ex=ttl)
+            pipe.set(keys.job_cancel(job_id), "1", ex=self.settings.job_ttl_s)
             pipe.publish(keys.CANCEL_CHANNEL, job_id)
-            pipe.lrem(self.queue.key, 0, job_id)
+            pipe.lrem(self.queue.key, 0, rq_id)
             removed = pipe.execute()[2]
         if not removed:
             return "cancelling"
         # Taken off the queue: no worker will see it, so its stream ends here.
-        last = connection.xrevrange(keys.job_events(job_id), count=1)
-        seq = events.seq_of(last[0][0]) + 1 if last else 1
-        error = Error("CANCELLED", "cancelled by the client while queued")
-        with connection.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                keys.job(job_id),
-                mapping={
-                    jobs.STATE: JobState.cancelled.value,
-                    jobs.FINISHED_AT: str(time.time()),
-                    jobs.ERROR_CODE: error.code,
-                    jobs.ERROR_MESSAGE: error.message,
-                },
-            )
-            pipe.xadd(keys.job_events(job_id), {"e": error.type, "d": error.to_json()}, id=events.stream_id(seq))
-            pipe.publish(keys.job_channel(job_id), events.live_message(seq, error.type, error.to_json()))
-            pipe.delete(Job.key_for(job_id))
-            pipe.execute()
+        self._end_here(job_id, JobState.cancelled, Error("CANCELLED", "cancelled by the client while queued"))
+        self.queue.connection.delete(Job.key_for(rq_id))
         return JobState.cancelled.value

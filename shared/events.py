@@ -70,6 +70,13 @@ class Started(Event):
 
 
 @dataclass(frozen=True)
+class Retry(Event):
+    type = "retry"
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Token(Event):
     type = "token"
     t: str

@@ -14,6 +14,9 @@ from .spec import JobState
 #: enqueues it without importing the worker package (torch).
 RUN_INFERENCE = "worker.tasks.run_inference"
 
+#: A job whose worker is lost before its first token runs once more, on another worker.
+MAX_ATTEMPTS = 2
+
 # Hash fields. Numbers are stored as decimal strings, times as Unix seconds.
 SPEC = "spec"
 STATE = "state"
@@ -29,6 +32,9 @@ TTFT_MS = "ttft_ms"
 DECODE_TIME_MS = "decode_time_ms"
 TOKENS_OUT = "tokens_out"
 STOP_REASON = "stop_reason"
+ATTEMPT = "attempt"  # 1, then 2 when retried after a lost worker
+RQ_ID = "rq_id"  # the RQ job carrying the current attempt
+FIRST_TOKEN_AT = "first_token_at"
 OUTPUT = "output"
 PROMPT_TOKENS = "prompt_tokens"
 ERROR_CODE = "error_code"
@@ -70,6 +76,7 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
         "tokens_out": _num(record.get(TOKENS_OUT)),
         "stop_reason": record.get(STOP_REASON) or None,
         "max_tokens": spec.get("max_tokens"),
+        "attempt": _num(record.get(ATTEMPT)) or 1,
     }
     if state == JobState.completed.value or OUTPUT in record:
         view["output"] = record.get(OUTPUT, "")  # partial when cancelled mid-generation

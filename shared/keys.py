@@ -33,6 +33,14 @@ def job_cancel(job_id: str) -> str:
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 
 
+#: Sorted set of running jobs, scored by the time their worker's lease runs out.
+#: Workers renew the lease every LEASE_RENEW_S; a hive that finds a lease older than
+#: LEASE_S treats the worker as lost. Emptied as jobs end (and refreshed with JOB_TTL_S).
+RUNNING = f"{PREFIX}:running"
+LEASE_S = 5.0
+LEASE_RENEW_S = 1.0
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying each event the moment it is appended to the log."""
     return f"{PREFIX}:job:{job_id}:live"

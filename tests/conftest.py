@@ -54,6 +54,7 @@ def model_root(tmp_path_factory) -> Path:
         shutil.copytree(tiny, root / "acme" / name)
     big = build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
     shutil.copytree(big, root / "acme" / "big-cancel")
+    shutil.copytree(big, root / "acme" / "big-retry")
     return root
 
 

@@ -34,6 +34,8 @@ class JobReporter:
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)
+        pipe.zadd(keys.RUNNING, {job_id: time.time() + keys.LEASE_S})  # the lease, renewed by JobLease
+        pipe.expire(keys.RUNNING, ttl_s)
         if fields:
             pipe.hset(keys.job(job_id), mapping=_record_fields(None, fields))
         last, cancel_flag = pipe.execute()[:2]
@@ -65,4 +67,5 @@ class JobReporter:
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self._log_key, self.ttl_s)
         pipe.expire(keys.job(self.job_id), self.ttl_s)
+        pipe.zrem(keys.RUNNING, self.job_id)  # give the lease back
         pipe.execute()

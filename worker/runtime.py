@@ -21,6 +21,7 @@ from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState
 
 from .cancel import CancelWatcher, JobCancelled
+from .lease import JobLease
 from .download import fetch_model
 from .generate import SamplingParams, generate_tokens
 from .models import LoadedModel, ModelCache, resolve_device
@@ -68,9 +69,11 @@ class WorkerRuntime:
         self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
         self.models = ModelCache(self.device, settings.dtype)
         self.cancels = CancelWatcher(connection)
+        self.lease = JobLease(connection)
 
     def run_job(self, job_id: str, spec: dict) -> None:
         self.cancels.begin(job_id)
+        self.lease.hold(job_id)
         try:
             reporter = JobReporter(
                 self.redis, job_id, self.settings.job_ttl_s, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()}
@@ -91,6 +94,7 @@ class WorkerRuntime:
                 message = str(e) or type(e).__name__
                 reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
         finally:
+            self.lease.release()
             self.cancels.end()
 
     def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
@@ -134,7 +138,10 @@ class WorkerRuntime:
         for token in generate_tokens(loaded.model, loaded.tokenizer, prompt_ids, params):
             if token.i == 0:
                 first_at = time.perf_counter()
-            reporter.emit(Token(token.text, token.i))
+                # A job that has produced a token is not retried if its worker is lost.
+                reporter.emit(Token(token.text, token.i), **{jobs.FIRST_TOKEN_AT: time.time()})
+            else:
+                reporter.emit(Token(token.text, token.i))
             pieces.append(token.text)
             count = token.i + 1
             if token.stop_reason:

@@ -1,0 +1,59 @@
+"""Finding jobs whose worker died: no job stays "running" forever.
+
+Workers hold a lease on the job they run (``keys.RUNNING``, renewed every second).
+Every hive looks once a second for leases past their deadline; the one whose
+ZREM succeeds owns that job and retries it or ends it (JobService.worker_lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+from starlette.concurrency import run_in_threadpool
+
+from shared import keys
+
+from .jobs import JobService
+
+log = logging.getLogger("hive.reaper")
+
+PERIOD_S = 1.0
+
+
+class LostWorkerReaper:
+    def __init__(self, connection: aioredis.Redis, jobs: JobService):
+        self.redis = connection
+        self.jobs = jobs
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever(), name="hive-reaper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def reap_once(self) -> None:
+        for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, time.time()):
+            if await self.redis.zrem(keys.RUNNING, job_id):  # this hive claimed it
+                try:
+                    outcome = await run_in_threadpool(self.jobs.worker_lost, job_id)
+                except Exception:
+                    # Put it back: the next period (of any hive) tries again.
+                    await self.redis.zadd(keys.RUNNING, {job_id: time.time()})
+                    raise
+                log.warning("job %s: its worker stopped renewing its lease; %s", job_id, outcome)
+
+    async def _run_forever(self) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reaper loop boundary: log and look again next period
+                log.exception("looking for lost workers failed")
+            await asyncio.sleep(PERIOD_S)
