@@ -15,7 +15,7 @@ from starlette.routing import Route
 from shared.spec import InferenceRequest
 
 from .errors import ApiError
-from .jobs import JobFinished, JobNotFound
+from .jobs import JobFinished, JobNotFound, QueueFull
 
 JOB_ID_CHARS = frozenset("0123456789abcdef")
 
@@ -67,7 +67,10 @@ async def submit_inference(request: Request) -> Response:
         spec = InferenceRequest.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from e
-    job_id, position = await hive.jobs.submit(spec)
+    try:
+        job_id, position = await hive.jobs.submit(spec)
+    except QueueFull as e:
+        raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
     urls = job_urls(job_id)
     return JSONResponse(
         {"job_id": job_id, "state": "queued", "position": position, **urls},

@@ -17,7 +17,7 @@ from shared.settings import Settings
 from .api import routes
 from .errors import EXCEPTION_HANDLERS
 from .jobs import JobService
-from .reaper import LostWorkerReaper
+from .reaper import Reaper
 from .relay import EventRelay
 
 log = logging.getLogger("hive")
@@ -42,7 +42,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         relay = EventRelay(aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
         await relay.start()
         jobs = JobService(settings, connection, sync_connection)
-        reaper = LostWorkerReaper(connection, jobs)
+        reaper = Reaper(connection, jobs)
         reaper.start()
         app.state.hive = Hive(settings, jobs, relay)
         log.info("hive ready: %r", settings)

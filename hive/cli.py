@@ -41,6 +41,10 @@ def serve(
     port: Port = DEFAULT_PORT,
     queue: Queue = keys.DEFAULT_QUEUE,
     sse_ping_s: Annotated[float, typer.Option(envvar="HIVE_SSE_PING_S", min=0.1, help="Keep-alive comment interval on quiet streams.")] = 10.0,
+    max_queue: Annotated[int, typer.Option(envvar="HIVE_MAX_QUEUE", min=1, help="Waiting jobs in all before POST answers 429.")] = 10_000,
+    max_queue_per_model: Annotated[int, typer.Option(envvar="HIVE_MAX_QUEUE_PER_MODEL", min=1, help="Waiting jobs for one model before 429.")] = 1_000,
+    max_queue_wait_s: Annotated[float, typer.Option(envvar="HIVE_MAX_QUEUE_WAIT_S", min=0.1, help="A job waiting longer ends with TIMEOUT.")] = 3600.0,
+    job_timeout_s: Annotated[int, typer.Option(envvar="HIVE_JOB_TIMEOUT_S", min=1, help="A job running longer ends with TIMEOUT.")] = 3600,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
@@ -49,7 +53,17 @@ def serve(
     from .app import create_app
 
     _logging(log_level)
-    settings = Settings(redis_url=redis_url, host=host, port=port, queue=queue, sse_ping_s=sse_ping_s)
+    settings = Settings(
+        redis_url=redis_url,
+        host=host,
+        port=port,
+        queue=queue,
+        sse_ping_s=sse_ping_s,
+        max_queue=max_queue,
+        max_queue_per_model=max_queue_per_model,
+        max_queue_wait_s=max_queue_wait_s,
+        job_timeout_s=job_timeout_s,
+    )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
 
 

@@ -34,6 +34,12 @@ class JobFinished(Exception):
         super().__init__(f"the job is already {state}")
         self.state = state
 
+class QueueFull(Exception):
+    """Too many jobs waiting, in all or for this model: come back later."""
+
+    retry_after_s = 5
+
+
 class JobService:
     def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis):
         self.settings = settings
@@ -49,7 +55,19 @@ class JobService:
 
     def _enqueue(self, job_id: str, request: InferenceRequest) -> int:
         ttl = self.settings.job_ttl_s
-        position = self.queue.count + 1
+        with self.queue.connection.pipeline(transaction=False) as pipe:
+            pipe.zcard(keys.queued(self.queue.name))
+            pipe.zcard(keys.queued_for_model(self.queue.name, request.model))
+            waiting, waiting_for_model = pipe.execute()
+        # Checked before the MULTI, so concurrent submits can overshoot by a few: a
+        # soft bound on memory and waiting time, not an exact quota.
+        if waiting >= self.settings.max_queue:
+            raise QueueFull(f"{waiting} jobs are waiting (the limit is {self.settings.max_queue})")
+        if waiting_for_model >= self.settings.max_queue_per_model:
+            raise QueueFull(
+                f"{waiting_for_model} jobs for {request.model} are waiting (the limit is {self.settings.max_queue_per_model})"
+            )
+        position = waiting + 1
         queued = Queued(position)
         with self.queue.connection.pipeline() as pipe:
             pipe.multi()  # RQ expects a pipeline already in MULTI when handed one
@@ -73,6 +91,10 @@ class JobService:
         return position
 
     def _enqueue_rq(self, pipe, job_id: str, rq_id: str, spec: dict) -> None:
+        ttl = self.settings.job_ttl_s
+        for key in (keys.queued(self.queue.name), keys.queued_for_model(self.queue.name, spec["model"])):
+            pipe.zadd(key, {job_id: time.time()})
+            pipe.expire(key, ttl)
         self.queue.enqueue_call(
             jobs.RUN_INFERENCE,
             args=(job_id, spec),
@@ -156,18 +178,41 @@ class JobService:
             raise JobNotFound(job_id)
         if record.get(jobs.STATE) in {s.value for s in FINAL_STATES}:
             raise JobFinished(record[jobs.STATE])
-        return await run_in_threadpool(self._cancel, job_id, record.get(jobs.RQ_ID) or job_id)
+        return await run_in_threadpool(self._cancel, job_id, record.get(jobs.RQ_ID) or job_id, record.get(jobs.MODEL, ""))
 
-    def _cancel(self, job_id: str, rq_id: str) -> str:
+    def _cancel(self, job_id: str, rq_id: str, model: str) -> str:
         with self.queue.connection.pipeline(transaction=False) as pipe:
             # Flag first, then tell the workers: one taking the job now reads the flag.
             pipe.set(keys.job_cancel(job_id), "1", ex=self.settings.job_ttl_s)
             pipe.publish(keys.CANCEL_CHANNEL, job_id)
-            pipe.lrem(self.queue.key, 0, rq_id)
-            removed = pipe.execute()[2]
-        if not removed:
+            pipe.execute()
+        if not self._take_off_queue(job_id, rq_id, model):
             return "cancelling"
         # Taken off the queue: no worker will see it, so its stream ends here.
         self._end_here(job_id, JobState.cancelled, Error("CANCELLED", "cancelled by the client while queued"))
-        self.queue.connection.delete(Job.key_for(rq_id))
         return JobState.cancelled.value
+
+    def _take_off_queue(self, job_id: str, rq_id: str, model: str) -> bool:
+        """Whether the job was still waiting (then no worker will ever take it)."""
+        with self.queue.connection.pipeline(transaction=False) as pipe:
+            pipe.lrem(self.queue.key, 0, rq_id)
+            pipe.zrem(keys.queued(self.queue.name), job_id)
+            pipe.zrem(keys.queued_for_model(self.queue.name, model), job_id)
+            removed = pipe.execute()[0]
+        if removed:
+            self.queue.connection.delete(Job.key_for(rq_id))
+        return bool(removed)
+
+    def expire_waiting(self) -> int:
+        """Ends with TIMEOUT the jobs that waited longer than max_queue_wait_s."""
+        connection = self.queue.connection
+        cutoff = time.time() - self.settings.max_queue_wait_s
+        ended = 0
+        for raw_id in connection.zrangebyscore(keys.queued(self.queue.name), 0, cutoff):
+            job_id = raw_id.decode()
+            rq_id, model = (v.decode() if v else "" for v in connection.hmget(keys.job(job_id), jobs.RQ_ID, jobs.MODEL))
+            if self._take_off_queue(job_id, rq_id or job_id, model):
+                message = f"waited longer than {self.settings.max_queue_wait_s:g} s in the queue"
+                self._end_here(job_id, JobState.failed, Error("TIMEOUT", message))
+                ended += 1
+        return ended

@@ -1,4 +1,5 @@
-"""Finding jobs whose worker died: no job stays "running" forever.
+"""Finding jobs whose worker died, or that waited too long: no job stays
+"running" or "queued" forever.
 
 Workers hold a lease on the job they run (``keys.RUNNING``, renewed every second).
 Every hive looks once a second for leases past their deadline; the one whose
@@ -23,7 +24,7 @@ log = logging.getLogger("hive.reaper")
 PERIOD_S = 1.0
 
 
-class LostWorkerReaper:
+class Reaper:
     def __init__(self, connection: aioredis.Redis, jobs: JobService):
         self.redis = connection
         self.jobs = jobs
@@ -38,6 +39,9 @@ class LostWorkerReaper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def reap_once(self) -> None:
+        timed_out = await run_in_threadpool(self.jobs.expire_waiting)
+        if timed_out:
+            log.warning("%d jobs waited past the queue-wait limit: ended with TIMEOUT", timed_out)
         for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, time.time()):
             if await self.redis.zrem(keys.RUNNING, job_id):  # this hive claimed it
                 try:

@@ -33,6 +33,17 @@ def job_cancel(job_id: str) -> str:
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 
 
+def queued(queue: str) -> str:
+    """Sorted set: the jobs waiting on RQ queue ``queue``, scored by submit time
+    (queue-depth limits, queue-wait timeouts). Refreshed with JOB_TTL_S."""
+    return f"{PREFIX}:queued:{queue}"
+
+
+def queued_for_model(queue: str, model: str) -> str:
+    """Sorted set: the same, for one model (the per-model depth limit)."""
+    return f"{PREFIX}:queued:{queue}:{model}"
+
+
 #: Sorted set of running jobs, scored by the time their worker's lease runs out.
 #: Workers renew the lease every LEASE_RENEW_S; a hive that finds a lease older than
 #: LEASE_S treats the worker as lost. Emptied as jobs end (and refreshed with JOB_TTL_S).

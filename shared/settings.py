@@ -27,6 +27,11 @@ class Settings:
     job_ttl_s: int = keys.JOB_TTL_S
     #: RQ kills a job that runs longer than this (download + load + generation).
     job_timeout_s: int = 3600
+    #: A job waiting in the queue longer than this ends with TIMEOUT.
+    max_queue_wait_s: float = 3600.0
+    #: Past these many waiting jobs (in all, and for one model) POST answers 429.
+    max_queue: int = 10_000
+    max_queue_per_model: int = 1_000
     max_body_bytes: int = 1024 * 1024
     #: SSE keep-alive comment interval while a stream is quiet.
     sse_ping_s: float = 10.0

@@ -23,8 +23,9 @@ def _record_fields(state: JobState | None, fields: dict) -> dict[str, str]:
 
 
 class JobReporter:
-    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int, **fields):
-        """Takes the job (``fields`` go to its record) in one round trip."""
+    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int, unqueue: tuple[str, ...] = (), **fields):
+        """Takes the job (``fields`` go to its record; it leaves the ``unqueue``
+        sorted sets of waiting jobs) in one round trip."""
         self.redis = connection
         self.job_id = job_id
         self.ttl_s = ttl_s
@@ -36,6 +37,8 @@ class JobReporter:
         pipe.expire(self._log_key, ttl_s)
         pipe.zadd(keys.RUNNING, {job_id: time.time() + keys.LEASE_S})  # the lease, renewed by JobLease
         pipe.expire(keys.RUNNING, ttl_s)
+        for key in unqueue:
+            pipe.zrem(key, job_id)
         if fields:
             pipe.hset(keys.job(job_id), mapping=_record_fields(None, fields))
         last, cancel_flag = pipe.execute()[:2]

@@ -15,7 +15,7 @@ import redis
 import torch
 from rq.timeouts import JobTimeoutException
 
-from shared import jobs
+from shared import jobs, keys
 from shared.events import End, Error, Loading, Ready, Started, Token
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState
@@ -75,8 +75,13 @@ class WorkerRuntime:
         self.cancels.begin(job_id)
         self.lease.hold(job_id)
         try:
+            queue, model = self.settings.queue, str(spec.get("model", ""))
             reporter = JobReporter(
-                self.redis, job_id, self.settings.job_ttl_s, **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()}
+                self.redis,
+                job_id,
+                self.settings.job_ttl_s,
+                unqueue=(keys.queued(queue), keys.queued_for_model(queue, model)),
+                **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()},
             )
             if reporter.cancelled_before_start:
                 self.cancels.cancel_current()
