@@ -50,3 +50,24 @@ def test_a_job_waiting_past_the_limit_ends_with_timeout(limited_hive, redis_clie
     assert events(received)[-1].json()["code"] == "TIMEOUT" and received[-1].done
     assert status(url, job["job_id"])["state"] == "failed"
     assert redis_client.llen(f"rq:queue:{queue}") == 0
+
+
+def test_a_job_running_past_the_limit_ends_with_timeout(slow_cluster, redis_url, log_dir):
+    # A second hive on the slow workers' queue, enqueueing with a 1 s run-time limit.
+    port = processes.free_port()
+    proc = processes.start(
+        "hive-short-jobs",
+        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", slow_cluster.queue, "--job-timeout-s", "1"),
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        processes.wait_until(lambda: processes.health(url)["status"] == "ok", 30, "hive", (proc,))
+        job = submit(url, model="acme/tiny", prompt="x", max_tokens=100, temperature=0)  # 100 ms a token: 10 s
+        received = follow(url, job["sse_url"], timeout=20)
+        error = events(received)[-1]
+        assert error.event == "error" and error.json()["code"] == "TIMEOUT"
+        assert sum(1 for r in received if r.event == "token") < 30
+        assert status(url, job["job_id"])["state"] == "failed"
+    finally:
+        proc.stop()
