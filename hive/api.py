@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shared import jobs as job_fields
 from shared.spec import InferenceRequest
 
 from .errors import ApiError
@@ -47,8 +48,20 @@ def validation_error(e: ValidationError) -> ApiError:
     return ApiError(422, "INVALID_REQUEST", summary, details)
 
 
-def job_urls(job_id: str) -> dict[str, str]:
-    return {"sse_url": f"/v1/inference/{job_id}/stream", "status_url": f"/v1/inference/{job_id}"}
+def job_urls(job_id: str, token: str | None = None) -> dict[str, str]:
+    sse_url = f"/v1/inference/{job_id}/stream" + (f"?token={token}" if token else "")
+    return {"sse_url": sse_url, "status_url": f"/v1/inference/{job_id}"}
+
+
+async def visible_record(request: Request, job_id: str) -> dict[str, str]:
+    """The job's record if the caller may see it; 404 alike for unknown jobs and
+    for other keys' jobs, so ids cannot be probed."""
+    hive = request.app.state.hive
+    principal = hive.auth.authenticate(request)
+    record = await hive.jobs.record(job_id)
+    if record is None or not principal.may_see(record.get(job_fields.OWNER)):
+        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    return record
 
 
 def checked_job_id(request: Request) -> str:
@@ -60,6 +73,7 @@ def checked_job_id(request: Request) -> str:
 
 async def submit_inference(request: Request) -> Response:
     hive = request.app.state.hive
+    principal = hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
@@ -68,10 +82,10 @@ async def submit_inference(request: Request) -> Response:
     except ValidationError as e:
         raise validation_error(e) from e
     try:
-        job_id, position = await hive.jobs.submit(spec)
+        job_id, position = await hive.jobs.submit(spec, principal.owner)
     except QueueFull as e:
         raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
-    urls = job_urls(job_id)
+    urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)
     return JSONResponse(
         {"job_id": job_id, "state": "queued", "position": position, **urls},
         status_code=202,
@@ -81,24 +95,21 @@ async def submit_inference(request: Request) -> Response:
 
 async def job_status(request: Request) -> Response:
     job_id = checked_job_id(request)
-    status = await request.app.state.hive.jobs.status(job_id)
-    if status is None:
-        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
-    return JSONResponse(status)
+    return JSONResponse(job_fields.status_view(job_id, await visible_record(request, job_id)))
 
 
 async def cancel_job(request: Request) -> Response:
     """Cancels a job in any phase. 200 when it ended at once (it was queued),
     202 while its worker stops it (within a token, a chunk or a layer)."""
     job_id = checked_job_id(request)
+    await visible_record(request, job_id)
     try:
         state = await request.app.state.hive.jobs.cancel(job_id)
     except JobNotFound:
         raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)") from None
     except JobFinished as e:
         raise ApiError(409, "JOB_FINISHED", f"{e}; nothing to cancel") from None
-    urls = job_urls(job_id)
-    return JSONResponse({"job_id": job_id, "state": state, **urls}, status_code=200 if state == "cancelled" else 202)
+    return JSONResponse({"job_id": job_id, "state": state}, status_code=200 if state == "cancelled" else 202)
 
 
 def last_event_id(request: Request) -> int:
@@ -114,9 +125,16 @@ async def job_stream(request: Request) -> Response:
     job_id = checked_job_id(request)
     hive = request.app.state.hive
     after = last_event_id(request)
-    record = await hive.jobs.record(job_id)
-    if record is None:
-        raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    token = request.query_params.get("token")
+    if token is not None and hive.auth.enabled:
+        # The signed token stands for the key that created the job (EventSource sends no headers).
+        if not hive.auth.valid_stream_token(job_id, token):
+            raise ApiError(401, "INVALID_TOKEN", "the stream token is invalid or expired; ask the status URL with your key")
+        record = await hive.jobs.record(job_id)
+        if record is None:
+            raise ApiError(404, "JOB_NOT_FOUND", f"no job {job_id} (unknown or expired)")
+    else:
+        record = await visible_record(request, job_id)
     on_abandon = None
     if json.loads(record.get("spec") or "{}").get("cancel_on_disconnect"):
         on_abandon = hive.jobs.cancel

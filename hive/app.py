@@ -15,6 +15,7 @@ from starlette.routing import Mount
 from shared.settings import Settings
 
 from .api import routes
+from .auth import Auth
 from .errors import EXCEPTION_HANDLERS
 from .jobs import JobService
 from .reaper import Reaper
@@ -30,6 +31,7 @@ class Hive:
     settings: Settings
     jobs: JobService
     relay: EventRelay
+    auth: Auth
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -44,7 +46,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         jobs = JobService(settings, connection, sync_connection)
         reaper = Reaper(connection, jobs)
         reaper.start()
-        app.state.hive = Hive(settings, jobs, relay)
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings))
         log.info("hive ready: %r", settings)
         try:
             yield

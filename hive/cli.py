@@ -25,6 +25,7 @@ Queue = Annotated[str, typer.Option(envvar="HIVE_QUEUE", help="RQ queue for infe
 Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 LogLevel = Annotated[str, typer.Option(envvar="HIVE_LOG_LEVEL", help="debug, info, warning or error.")]
 HiveUrl = Annotated[str, typer.Option("--url", envvar="HIVE_URL", help="The hive to talk to.")]
+ApiKey = Annotated[str, typer.Option(envvar="HIVE_API_KEY", help="API key for a hive that wants one.", show_default=False)]
 
 
 def _logging(level: str) -> None:
@@ -32,6 +33,17 @@ def _logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not provably loopback
+        return False
 
 
 @app.command()
@@ -45,14 +57,26 @@ def serve(
     max_queue_per_model: Annotated[int, typer.Option(envvar="HIVE_MAX_QUEUE_PER_MODEL", min=1, help="Waiting jobs for one model before 429.")] = 1_000,
     max_queue_wait_s: Annotated[float, typer.Option(envvar="HIVE_MAX_QUEUE_WAIT_S", min=0.1, help="A job waiting longer ends with TIMEOUT.")] = 3600.0,
     job_timeout_s: Annotated[int, typer.Option(envvar="HIVE_JOB_TIMEOUT_S", min=1, help="A job running longer ends with TIMEOUT.")] = 3600,
+    api_keys: Annotated[str, typer.Option(envvar="HIVE_API_KEYS", help="API keys: k1,k2 or @file. None: local mode, loopback only.", show_default=False)] = "",
+    admin_keys: Annotated[str, typer.Option(envvar="HIVE_ADMIN_KEYS", help="Admin keys (see every job): k1,k2 or @file.", show_default=False)] = "",
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
     import uvicorn
 
     from .app import create_app
+    from .auth import read_keys
 
     _logging(log_level)
+    try:
+        keys_ = read_keys(api_keys) if api_keys else ()
+        admins = read_keys(admin_keys) if admin_keys else ()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read keys: {e}", param_hint="--api-keys/--admin-keys") from e
+    if not (keys_ or admins) and not _is_loopback(host):
+        raise typer.BadParameter(
+            f"no API keys: local mode listens on loopback only, not {host}; set HIVE_API_KEYS to serve others", param_hint="--host"
+        )
     settings = Settings(
         redis_url=redis_url,
         host=host,
@@ -63,6 +87,8 @@ def serve(
         max_queue_per_model=max_queue_per_model,
         max_queue_wait_s=max_queue_wait_s,
         job_timeout_s=job_timeout_s,
+        api_keys=keys_,
+        admin_keys=admins,
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
 
@@ -111,11 +137,12 @@ def run(
     temperature: Temperature = 1.0,
     seed: Seed = None,
     stop: Stop = [],
+    api_key: ApiKey = "",
 ) -> None:
     """Submit a prompt, show download and loading progress, print tokens as they arrive."""
     from .client import run_prompt
 
-    raise typer.Exit(run_prompt(url, _prompt_body(prompt, model, max_tokens, temperature, seed, stop)))
+    raise typer.Exit(run_prompt(url, _prompt_body(prompt, model, max_tokens, temperature, seed, stop), api_key=api_key))
 
 
 @app.command()

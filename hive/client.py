@@ -132,12 +132,13 @@ def follow(client: httpx.Client, sse_url: str, view: StreamView) -> None:
     raise ClientError("the stream ended without [DONE]", EXIT_UNREACHABLE)
 
 
-def run_prompt(url: str, body: dict, err: Console | None = None) -> int:
+def run_prompt(url: str, body: dict, err: Console | None = None, api_key: str = "") -> int:
     """Submits ``body`` to ``POST /v1/inference`` and renders its stream; returns an exit code."""
     err = err or Console(stderr=True)
     view = StreamView(err)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=60.0)) as client:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=60.0), headers=headers) as client:
             try:
                 response = client.post("/v1/inference", json=body)
             except httpx.TransportError as e:

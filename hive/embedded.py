@@ -62,9 +62,9 @@ def _wait_for_redis(url: str, process: subprocess.Popen | None) -> None:
             return
         except redis.ConnectionError:
             if process is not None and process.poll() is not None:
-                raise StartupError(f"redis-server exited with code {process.returncode}")
+                raise StartupError(f"redis-server exited with code {process.returncode}") from None
             if time.monotonic() > deadline:
-                raise StartupError(f"redis at {url} did not answer within 10 s")
+                raise StartupError(f"redis at {url} did not answer within 10 s") from None
             time.sleep(0.05)
         finally:
             client.close()

@@ -47,13 +47,13 @@ class JobService:
         # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
 
-    async def submit(self, request: InferenceRequest) -> tuple[str, int]:
+    async def submit(self, request: InferenceRequest, owner: str) -> tuple[str, int]:
         """Returns (job id, queue position)."""
         job_id = uuid.uuid4().hex
-        position = await run_in_threadpool(self._enqueue, job_id, request)
+        position = await run_in_threadpool(self._enqueue, job_id, request, owner)
         return job_id, position
 
-    def _enqueue(self, job_id: str, request: InferenceRequest) -> int:
+    def _enqueue(self, job_id: str, request: InferenceRequest, owner: str) -> int:
         ttl = self.settings.job_ttl_s
         with self.queue.connection.pipeline(transaction=False) as pipe:
             pipe.zcard(keys.queued(self.queue.name))
@@ -81,6 +81,7 @@ class JobService:
                     jobs.CREATED_AT: str(time.time()),
                     jobs.ATTEMPT: "1",
                     jobs.RQ_ID: job_id,
+                    jobs.OWNER: owner,
                 },
             )
             pipe.expire(keys.job(job_id), ttl)

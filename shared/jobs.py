@@ -32,6 +32,7 @@ TTFT_MS = "ttft_ms"
 DECODE_TIME_MS = "decode_time_ms"
 TOKENS_OUT = "tokens_out"
 STOP_REASON = "stop_reason"
+OWNER = "owner"  # a digest of the API key that created the job, never the key
 ATTEMPT = "attempt"  # 1, then 2 when retried after a lost worker
 RQ_ID = "rq_id"  # the RQ job carrying the current attempt
 FIRST_TOKEN_AT = "first_token_at"

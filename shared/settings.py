@@ -35,6 +35,13 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     #: SSE keep-alive comment interval while a stream is quiet.
     sse_ping_s: float = 10.0
+    #: Hive: API keys (``Authorization: Bearer <key>``); none means local mode, which
+    #: listens on loopback only. Admin keys also see every job.
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    #: Hive: signs the tokens in ``sse_url``; derived from the keys when empty, so
+    #: every hive with the same keys accepts the same tokens.
+    secret: str = ""
     #: Worker: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
     device: str = "auto"
     #: Worker: ``auto`` (bf16/fp16 from the checkpoint on CUDA, float32 on CPU) or a torch dtype name.
@@ -50,6 +57,9 @@ class Settings:
     def __repr__(self) -> str:  # secrets print as ***
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["redis_url"] = redact_url(self.redis_url)
+        for name in ("api_keys", "admin_keys"):
+            fields[name] = tuple("***" for _ in fields[name])
+        fields["secret"] = "***" if self.secret else ""
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 

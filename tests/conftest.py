@@ -97,7 +97,7 @@ def clusters(redis_url, hub, log_dir, tmp_path_factory):
     try:
         for c in (fast, slow):
             processes.wait_until(
-                lambda: processes.health(c.url).get("workers", 0) >= 1,
+                lambda c=c: processes.health(c.url).get("workers", 0) >= 1,
                 processes.STARTUP_TIMEOUT_S,
                 f"{c.queue} hive and worker",
                 (c.hive, c.worker),

@@ -100,5 +100,12 @@ def hive_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hive", *args]
 
 
+def run_hive(*args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Runs a `hive` command to its end."""
+    return subprocess.run(
+        hive_command(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=5).json()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +12,7 @@ from tests import processes
 pytestmark = pytest.mark.e2e
 
 
-def hive(*args: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        processes.hive_command(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+hive = processes.run_hive
 
 
 def test_run_prints_tokens_to_stdout_and_progress_to_stderr(cluster):

@@ -3,7 +3,6 @@ through a real redis-server, ``hive serve`` and ``hive worker`` processes."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
