@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from shared import events, keys
-from shared.events import DONE_FRAME, TERMINAL_TYPES
+from shared.events import DONE_FRAME, TERMINAL_TYPES, Error
 
 log = logging.getLogger("hive.relay")
 
@@ -149,7 +150,22 @@ class EventRelay:
     ) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
         the terminal event. ``on_abandon(job_id)`` runs when the last follower of
-        an unfinished job goes away (``cancel_on_disconnect``)."""
+        an unfinished job goes away (``cancel_on_disconnect``).
+
+        If Redis goes away the stream ends with an ``error`` frame that has no id
+        (the job itself has not failed: reconnect with Last-Event-ID later)."""
+        try:
+            async for frame in self._follow(job_id, last_id, on_abandon):
+                yield frame
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, asyncio.TimeoutError) as e:
+            log.warning("job %s: ending a stream, Redis is unavailable: %s", job_id, e)
+            error = Error("REDIS_UNAVAILABLE", "the hive lost Redis; reconnect with Last-Event-ID once /health is ok")
+            yield f"event: error\ndata: {error.to_json()}\n\n".encode()
+            yield DONE_FRAME
+
+    async def _follow(
+        self, job_id: str, last_id: int, on_abandon: Callable[[str], Awaitable] | None
+    ) -> AsyncIterator[bytes]:
         follower = _Follower(asyncio.Queue(maxsize=FOLLOWER_BUFFER))
         queue = follower.queue
         last = last_id
@@ -201,7 +217,10 @@ class EventRelay:
             if on_abandon is not None and alone and not finished:
                 self._spawn(self._abandon(on_abandon, job_id))
             if alone:
-                await self.pubsub.unsubscribe(keys.job_channel(job_id))
+                try:
+                    await self.pubsub.unsubscribe(keys.job_channel(job_id))
+                except redis.exceptions.RedisError as e:  # gone with the connection anyway
+                    log.debug("unsubscribing from job %s: %s", job_id, e)
 
     def _spawn(self, coroutine) -> None:
         # Not awaited here: a disconnecting client's stream is being torn down.
