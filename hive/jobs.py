@@ -81,22 +81,23 @@ class JobService:
                     jobs.CREATED_AT: str(time.time()),
                     jobs.ATTEMPT: "1",
                     jobs.RQ_ID: job_id,
+                    jobs.QUEUE: self.queue.name,
                     jobs.OWNER: owner,
                 },
             )
             pipe.expire(keys.job(job_id), ttl)
             pipe.xadd(keys.job_events(job_id), {"e": queued.type, "d": queued.to_json()}, id=events.stream_id(1))
             pipe.expire(keys.job_events(job_id), ttl)
-            self._enqueue_rq(pipe, job_id, job_id, request.model_dump(mode="json"))
+            self._enqueue_rq(pipe, self.queue, job_id, job_id, request.model_dump(mode="json"))
             pipe.execute()
         return position
 
-    def _enqueue_rq(self, pipe, job_id: str, rq_id: str, spec: dict) -> None:
+    def _enqueue_rq(self, pipe, queue: Queue, job_id: str, rq_id: str, spec: dict) -> None:
         ttl = self.settings.job_ttl_s
-        for key in (keys.queued(self.queue.name), keys.queued_for_model(self.queue.name, spec["model"])):
+        for key in (keys.queued(queue.name), keys.queued_for_model(queue.name, spec["model"])):
             pipe.zadd(key, {job_id: time.time()})
             pipe.expire(key, ttl)
-        self.queue.enqueue_call(
+        queue.enqueue_call(
             jobs.RUN_INFERENCE,
             args=(job_id, spec),
             job_id=rq_id,
@@ -151,9 +152,11 @@ class JobService:
             attempt += 1
             rq_id = f"{job_id}-{attempt}"  # RQ ids allow letters, digits, _ and -
             spec = json.loads(record[jobs.SPEC])
+            # Back on the job's own queue, whichever hive's reaper got here first.
+            queue = Queue(record.get(jobs.QUEUE) or self.queue.name, connection=self.queue.connection, serializer=JSONSerializer)
             fields = {jobs.STATE: JobState.queued.value, jobs.ATTEMPT: str(attempt), jobs.RQ_ID: rq_id, jobs.WORKER: ""}
             self._append_event(
-                job_id, Retry(attempt, f"worker {worker} lost"), fields, lambda pipe: self._enqueue_rq(pipe, job_id, rq_id, spec)
+                job_id, Retry(attempt, f"worker {worker} lost"), fields, lambda pipe: self._enqueue_rq(pipe, queue, job_id, rq_id, spec)
             )
             return "retried"
         phase = "after its first token" if record.get(jobs.FIRST_TOKEN_AT) else f"on attempt {attempt}"
@@ -179,26 +182,28 @@ class JobService:
             raise JobNotFound(job_id)
         if record.get(jobs.STATE) in {s.value for s in FINAL_STATES}:
             raise JobFinished(record[jobs.STATE])
-        return await run_in_threadpool(self._cancel, job_id, record.get(jobs.RQ_ID) or job_id, record.get(jobs.MODEL, ""))
+        return await run_in_threadpool(self._cancel, job_id, record)
 
-    def _cancel(self, job_id: str, rq_id: str, model: str) -> str:
+    def _cancel(self, job_id: str, record: dict[str, str]) -> str:
         with self.queue.connection.pipeline(transaction=False) as pipe:
             # Flag first, then tell the workers: one taking the job now reads the flag.
             pipe.set(keys.job_cancel(job_id), "1", ex=self.settings.job_ttl_s)
             pipe.publish(keys.CANCEL_CHANNEL, job_id)
             pipe.execute()
-        if not self._take_off_queue(job_id, rq_id, model):
+        if not self._take_off_queue(job_id, record):
             return "cancelling"
         # Taken off the queue: no worker will see it, so its stream ends here.
         self._end_here(job_id, JobState.cancelled, Error("CANCELLED", "cancelled by the client while queued"))
         return JobState.cancelled.value
 
-    def _take_off_queue(self, job_id: str, rq_id: str, model: str) -> bool:
-        """Whether the job was still waiting (then no worker will ever take it)."""
+    def _take_off_queue(self, job_id: str, record: dict[str, str]) -> bool:
+        """Whether the job was still waiting on its queue (then no worker will ever take it)."""
+        rq_id = record.get(jobs.RQ_ID) or job_id
+        queue_name = record.get(jobs.QUEUE) or self.queue.name
         with self.queue.connection.pipeline(transaction=False) as pipe:
-            pipe.lrem(self.queue.key, 0, rq_id)
-            pipe.zrem(keys.queued(self.queue.name), job_id)
-            pipe.zrem(keys.queued_for_model(self.queue.name, model), job_id)
+            pipe.lrem(Queue(queue_name, connection=self.queue.connection).key, 0, rq_id)
+            pipe.zrem(keys.queued(queue_name), job_id)
+            pipe.zrem(keys.queued_for_model(queue_name, record.get(jobs.MODEL, "")), job_id)
             removed = pipe.execute()[0]
         if removed:
             self.queue.connection.delete(Job.key_for(rq_id))
@@ -211,8 +216,9 @@ class JobService:
         ended = 0
         for raw_id in connection.zrangebyscore(keys.queued(self.queue.name), 0, cutoff):
             job_id = raw_id.decode()
-            rq_id, model = (v.decode() if v else "" for v in connection.hmget(keys.job(job_id), jobs.RQ_ID, jobs.MODEL))
-            if self._take_off_queue(job_id, rq_id or job_id, model):
+            fields = (jobs.RQ_ID, jobs.MODEL, jobs.QUEUE)
+            record = {k: v.decode() for k, v in zip(fields, connection.hmget(keys.job(job_id), *fields)) if v}
+            if self._take_off_queue(job_id, record):
                 message = f"waited longer than {self.settings.max_queue_wait_s:g} s in the queue"
                 self._end_here(job_id, JobState.failed, Error("TIMEOUT", message))
                 ended += 1

@@ -35,6 +35,7 @@ STOP_REASON = "stop_reason"
 OWNER = "owner"  # a digest of the API key that created the job, never the key
 ATTEMPT = "attempt"  # 1, then 2 when retried after a lost worker
 RQ_ID = "rq_id"  # the RQ job carrying the current attempt
+QUEUE = "queue"  # the RQ queue it waits on (a retry goes back to the same one)
 FIRST_TOKEN_AT = "first_token_at"
 OUTPUT = "output"
 PROMPT_TOKENS = "prompt_tokens"
