@@ -207,3 +207,13 @@ def test_unknown_model_ends_with_model_not_found(cluster):
     assert error.event == "error" and error.json()["code"] == "MODEL_NOT_FOUND"
     final = status(cluster.url, job["job_id"])
     assert final["state"] == "failed" and final["error"]["code"] == "MODEL_NOT_FOUND"
+
+
+def test_prompt_longer_than_the_context_fails_before_generation(cluster):
+    # The tiny models have a 2048-token context; this prompt is longer.
+    job, received = run_job(cluster.url, model="acme/tiny", prompt="q z " * 3000, max_tokens=4)
+    assert_well_formed(received)
+    assert "token" not in types(received)
+    error = events(received)[-1]
+    assert error.event == "error" and error.json()["code"] == "PROMPT_TOO_LONG"
+    assert "2048" in error.json()["message"]

@@ -102,3 +102,33 @@ def test_worker_killed_before_the_first_token_retries_once_on_another(fleet):
     final = status(fleet, job["job_id"])
     assert final["state"] == "completed" and final["attempt"] == 2
     assert final["worker"] != first_worker[0]
+
+
+def test_sigterm_lets_the_worker_finish_its_job_then_exit(redis_url, hub, log_dir, tmp_path):
+    port = processes.free_port()
+    queue = "hive:test-sigterm"
+    hive = processes.start("hive-sigterm", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir)
+    worker = processes.start(
+        "worker-sigterm",
+        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", "100"),
+        log_dir,
+        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, processes.STARTUP_TIMEOUT_S, "worker", (hive, worker))
+        job = submit(url, model="acme/tiny", prompt=PROMPT, max_tokens=15, temperature=0)
+        tokens = []
+        with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{url}{job['sse_url']}") as source:
+            for sse in source.iter_sse():
+                if sse.event == "token":
+                    tokens.append(sse.data)
+                    if len(tokens) == 3:
+                        worker.process.send_signal(signal.SIGTERM)
+                if sse.data == "[DONE]":
+                    break
+        assert len(tokens) == 15 and status(url, job["job_id"])["state"] == "completed"
+        assert worker.process.wait(15) == 0
+    finally:
+        worker.stop()
+        hive.stop()
