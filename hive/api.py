@@ -17,6 +17,7 @@ from shared.spec import InferenceRequest
 
 from .errors import ApiError
 from .jobs import JobFinished, JobNotFound, QueueFull
+from .openapi import openapi_schema
 
 JOB_ID_CHARS = frozenset("0123456789abcdef")
 
@@ -158,8 +159,13 @@ async def health(request: Request) -> Response:
     )
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_schema())
+
+
 routes = [
     Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
     Route("/v1/inference", submit_inference, methods=["POST"]),
     Route("/v1/inference/{job_id}", job_status, methods=["GET"]),
     Route("/v1/inference/{job_id}", cancel_job, methods=["DELETE"]),

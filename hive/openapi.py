@@ -1,0 +1,106 @@
+"""The OpenAPI description of the API, served at ``/openapi.json``.
+
+Built from the same pydantic model that validates requests, so the schema cannot
+drift from what the hive accepts. Fuzzers (schemathesis, in the tests) read it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from shared.spec import InferenceRequest
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict:
+    return _json(ERROR, description)
+
+
+JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "32 hex characters, as returned by POST /v1/inference",
+}
+
+
+@cache
+def openapi_schema() -> dict:
+    request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = request_schema.pop("$defs", {})
+    components["InferenceRequest"] = request_schema
+    components["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "array"}},
+            }
+        },
+    }
+    components["JobAccepted"] = {
+        "type": "object",
+        "required": ["job_id", "sse_url", "status_url"],
+        "properties": {k: {"type": "string"} for k in ("job_id", "state", "sse_url", "status_url")} | {"position": {"type": "integer"}},
+    }
+    auth = {"401": _error("missing or invalid API key (when the hive has keys)"), "503": _error("Redis unavailable")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Hive", "version": "0.1.0", "description": "LLM inference jobs streamed over SSE."},
+        "paths": {
+            "/health": {"get": {"responses": {"200": _json({"type": "object"}, "ok"), "503": _json({"type": "object"}, "Redis unavailable")}}},
+            "/v1/inference": {
+                "post": {
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}},
+                    "responses": {
+                        "202": _json({"$ref": "#/components/schemas/JobAccepted"}, "accepted"),
+                        "400": _error("not JSON"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid request"),
+                        "429": _error("queue full"),
+                        **auth,
+                    },
+                }
+            },
+            "/v1/inference/{job_id}": {
+                "get": {
+                    "parameters": [JOB_ID],
+                    "responses": {"200": _json({"type": "object"}, "status"), "404": _error("unknown job"), **auth},
+                },
+                "delete": {
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": _json({"type": "object"}, "cancelled"),
+                        "202": _json({"type": "object"}, "cancelling"),
+                        "404": _error("unknown job"),
+                        "409": _error("already finished"),
+                        **auth,
+                    },
+                },
+            },
+            "/v1/inference/{job_id}/stream": {
+                "get": {
+                    "parameters": [
+                        JOB_ID,
+                        {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+                        {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "the job's events", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": _error("bad Last-Event-ID"),
+                        "404": _error("unknown job"),
+                        **auth,
+                    },
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
