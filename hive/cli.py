@@ -24,6 +24,7 @@ Port = Annotated[int, typer.Option(envvar="HIVE_PORT", min=1, max=65535, help="P
 Queue = Annotated[str, typer.Option(envvar="HIVE_QUEUE", help="RQ queue for inference jobs.")]
 Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 LogLevel = Annotated[str, typer.Option(envvar="HIVE_LOG_LEVEL", help="debug, info, warning or error.")]
+JobTtl = Annotated[int, typer.Option(envvar="HIVE_JOB_TTL_S", min=1, help="Job records and replay logs expire this long after the job ends.")]
 HiveUrl = Annotated[str, typer.Option("--url", envvar="HIVE_URL", help="The hive to talk to.")]
 ApiKey = Annotated[str, typer.Option(envvar="HIVE_API_KEY", help="API key for a hive that wants one.", show_default=False)]
 
@@ -59,6 +60,7 @@ def serve(
     job_timeout_s: Annotated[int, typer.Option(envvar="HIVE_JOB_TIMEOUT_S", min=1, help="A job running longer ends with TIMEOUT.")] = 3600,
     api_keys: Annotated[str, typer.Option(envvar="HIVE_API_KEYS", help="API keys: k1,k2 or @file. None: local mode, loopback only.", show_default=False)] = "",
     admin_keys: Annotated[str, typer.Option(envvar="HIVE_ADMIN_KEYS", help="Admin keys (see every job): k1,k2 or @file.", show_default=False)] = "",
+    job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
@@ -89,6 +91,7 @@ def serve(
         job_timeout_s=job_timeout_s,
         api_keys=keys_,
         admin_keys=admins,
+        job_ttl_s=job_ttl_s,
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
 
@@ -101,6 +104,7 @@ def worker(
     dtype: Annotated[str, typer.Option(envvar="HIVE_DTYPE", help="auto, float32, bfloat16 or float16.")] = "auto",
     name: Annotated[str, typer.Option(envvar="HIVE_WORKER_NAME", help="Worker name (default host:device:pid).")] = "",
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token (demos, tests).")] = 0.0,
+    job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a worker: one long-lived process per device that keeps models loaded."""
@@ -109,7 +113,17 @@ def worker(
     _logging(log_level)
     from worker.main import run_worker
 
-    run_worker(Settings(redis_url=redis_url, device=device, queue=queue, dtype=dtype, worker_name=name, token_delay_ms=token_delay_ms))
+    run_worker(
+        Settings(
+            redis_url=redis_url,
+            device=device,
+            queue=queue,
+            dtype=dtype,
+            worker_name=name,
+            token_delay_ms=token_delay_ms,
+            job_ttl_s=job_ttl_s,
+        )
+    )
 
 
 def _prompt_body(prompt: str, model: str, max_tokens: int, temperature: float, seed: Optional[int], stop: list[str]) -> dict:
