@@ -7,11 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from shared.connections import async_client, sync_client
 from shared.settings import Settings
 
 from .api import routes
@@ -39,9 +38,9 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        connection = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        sync_connection = redis.Redis.from_url(settings.redis_url)
-        relay = EventRelay(aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
+        connection = async_client(settings.redis_url, decode_responses=True)
+        sync_connection = sync_client(settings.redis_url)
+        relay = EventRelay(async_client(settings.redis_url, decode_responses=True))
         await relay.start()
         jobs = JobService(settings, connection, sync_connection)
         reaper = Reaper(connection, jobs)

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import logging
 
+from shared.connections import sync_client
 from shared.settings import Settings
 
 log = logging.getLogger("hive.worker")
 
 
 def run_worker(settings: Settings) -> None:
-    import redis
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
 
     from . import tasks
     from .runtime import WorkerRuntime
 
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = sync_client(settings.redis_url)
     runtime = WorkerRuntime(settings, connection)  # imports torch now, not on the first job
     tasks.install_runtime(runtime)
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
