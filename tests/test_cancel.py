@@ -34,20 +34,29 @@ def test_cancel_a_queued_job_ends_its_stream_at_once(idle_hive, redis_client):
     assert not redis_client.exists(f"rq:job:{job['job_id']}")
 
 
-def test_cancel_while_generating_stops_within_a_token(slow_cluster):
-    # 100 ms a token: 60 tokens would take 6 s.
-    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=60, temperature=0)
-    received, cancelled_at = [], None
-    with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{slow_cluster.url}{job['sse_url']}") as source:
+def stream_and_cancel(url: str, job: dict, cancel_when) -> tuple[list[tuple[str, str, float]], float]:
+    """Follows the job to [DONE]; cancels it (expecting 202) the first time
+    ``cancel_when(received)`` holds. Returns the events with their receipt times."""
+    received, cancelled_at = [], 0.0
+    with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{url}{job['sse_url']}") as source:
         for sse in source.iter_sse():
             if not sse.data:
                 continue
             received.append((sse.event, sse.data, time.monotonic()))
-            if sse.event == "token" and cancelled_at is None and sum(1 for r in received if r[0] == "token") == 3:
-                assert cancel(slow_cluster.url, job["job_id"]).status_code == 202
+            if not cancelled_at and cancel_when(received):
+                assert cancel(url, job["job_id"]).status_code == 202
                 cancelled_at = time.monotonic()
             if sse.data == "[DONE]":
                 break
+    return received, cancelled_at
+
+
+def test_cancel_while_generating_stops_within_a_token(slow_cluster):
+    # 100 ms a token: 60 tokens would take 6 s.
+    job = submit(slow_cluster.url, model="acme/tiny", prompt=PROMPT, max_tokens=60, temperature=0)
+    received, cancelled_at = stream_and_cancel(
+        slow_cluster.url, job, lambda received: sum(1 for r in received if r[0] == "token") == 3
+    )
     tokens_after = [r for r in received if r[0] == "token" and r[2] > cancelled_at]
     assert len(tokens_after) <= 1
     end = next(r for r in received if r[0] == "end")
@@ -59,17 +68,9 @@ def test_cancel_while_generating_stops_within_a_token(slow_cluster):
 def test_cancel_while_downloading_stops_the_download(cluster):
     # acme/big-cancel: 16 MB on an 8 MB/s link, so the cancel lands mid-download.
     job = submit(cluster.url, model="acme/big-cancel", prompt=PROMPT, max_tokens=4)
-    received, cancelled_at = [], None
-    with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{cluster.url}{job['sse_url']}") as source:
-        for sse in source.iter_sse():
-            if not sse.data:
-                continue
-            received.append((sse.event, sse.data, time.monotonic()))
-            if sse.event == "download" and cancelled_at is None and '"bytes_downloaded":0,' not in sse.data:
-                assert cancel(cluster.url, job["job_id"]).status_code == 202
-                cancelled_at = time.monotonic()
-            if sse.data == "[DONE]":
-                break
+    received, cancelled_at = stream_and_cancel(
+        cluster.url, job, lambda received: received[-1][0] == "download" and '"bytes_downloaded":0,' not in received[-1][1]
+    )
     kinds = [r[0] for r in received]
     assert "loading" not in kinds and "token" not in kinds
     error = next(r for r in received if r[0] == "error")
