@@ -53,7 +53,8 @@ class Auth:
     def __init__(self, settings: Settings):
         self._keys = [(k.encode(), False) for k in settings.api_keys] + [(k.encode(), True) for k in settings.admin_keys]
         self.enabled = bool(self._keys)
-        seed = settings.secret or "\n".join(sorted(settings.api_keys + settings.admin_keys))
+        # Derived from the keys: every hive with the same keys accepts the same tokens.
+        seed = "\n".join(sorted(settings.api_keys + settings.admin_keys))
         self._secret = hashlib.sha256(b"hive-stream-token\n" + seed.encode()).digest()
 
     def authenticate(self, request: Request) -> Principal:

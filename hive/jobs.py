@@ -163,16 +163,9 @@ class JobService:
         self._end_here(job_id, JobState.failed, Error("WORKER_LOST", f"worker {worker} stopped responding {phase}"))
         return "failed"
 
-    async def exists(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(keys.job(job_id)))
-
     async def record(self, job_id: str) -> dict[str, str] | None:
         record = await self.redis.hgetall(keys.job(job_id))
         return record or None
-
-    async def status(self, job_id: str) -> dict | None:
-        record = await self.record(job_id)
-        return jobs.status_view(job_id, record) if record else None
 
     async def cancel(self, job_id: str) -> str:
         """Cancels the job in whatever phase it is; returns ``cancelled`` when it was

@@ -5,6 +5,8 @@ RQ keeps its own keys under ``rq:``; only the queue *names* are ours.
 
 from __future__ import annotations
 
+import time
+
 PREFIX = "hive"
 
 #: Job records and replay logs live this long after their last write (seconds).
@@ -50,6 +52,11 @@ def queued_for_model(queue: str, model: str) -> str:
 RUNNING = f"{PREFIX}:running"
 LEASE_S = 5.0
 LEASE_RENEW_S = 1.0
+
+
+def lease_deadline() -> float:
+    """The score of a lease granted or renewed now."""
+    return time.time() + LEASE_S
 
 
 def job_channel(job_id: str) -> str:

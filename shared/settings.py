@@ -39,9 +39,6 @@ class Settings:
     #: listens on loopback only. Admin keys also see every job.
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
-    #: Hive: signs the tokens in ``sse_url``; derived from the keys when empty, so
-    #: every hive with the same keys accepts the same tokens.
-    secret: str = ""
     #: Worker: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
     device: str = "auto"
     #: Worker: ``auto`` (bf16/fp16 from the checkpoint on CUDA, float32 on CPU) or a torch dtype name.
@@ -59,7 +56,6 @@ class Settings:
         fields["redis_url"] = redact_url(self.redis_url)
         for name in ("api_keys", "admin_keys"):
             fields[name] = tuple("***" for _ in fields[name])
-        fields["secret"] = "***" if self.secret else ""
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 

@@ -70,6 +70,3 @@ class CancelWatcher:
         """Raises JobCancelled when the current job has been cancelled."""
         if self._cancelled.is_set():
             raise JobCancelled("cancelled by the client")
-
-    def close(self) -> None:
-        self._thread.stop()

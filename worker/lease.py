@@ -24,10 +24,6 @@ class JobLease:
         self._thread = threading.Thread(target=self._renew_forever, name="hive-lease", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def deadline() -> float:
-        return time.time() + keys.LEASE_S
-
     def hold(self, job_id: str) -> None:
         """From now on the lease of ``job_id`` is renewed (the first grant goes with
         the job's pickup, in the reporter's first round trip)."""
@@ -46,6 +42,6 @@ class JobLease:
             if job_id is None:
                 continue
             try:  # XX: never re-grant a lease the job already gave back
-                self._redis.zadd(keys.RUNNING, {job_id: self.deadline()}, xx=True)
+                self._redis.zadd(keys.RUNNING, {job_id: keys.lease_deadline()}, xx=True)
             except redis.RedisError as e:  # renewal loop boundary: try again next second
                 log.warning("renewing the lease of job %s failed: %s", job_id, e)

@@ -35,7 +35,7 @@ class JobReporter:
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)
-        pipe.zadd(keys.RUNNING, {job_id: time.time() + keys.LEASE_S})  # the lease, renewed by JobLease
+        pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline()})  # the lease, renewed by JobLease
         pipe.expire(keys.RUNNING, ttl_s)
         for key in unqueue:
             pipe.zrem(key, job_id)
