@@ -19,6 +19,11 @@ from .errors import ApiError
 from .jobs import JobFinished, JobNotFound, QueueFull
 from .openapi import openapi_schema
 
+SHUTDOWN_GRACE_S = 2.0
+#: A follower whose socket accepts nothing for this long (it stopped reading) is
+#: dropped: its buffers are freed, and it can resume with Last-Event-ID.
+SEND_TIMEOUT_S = 60.0
+
 JOB_ID_CHARS = frozenset("0123456789abcdef")
 
 
@@ -142,6 +147,11 @@ async def job_stream(request: Request) -> Response:
     return EventSourceResponse(
         hive.relay.follow(job_id, after, on_abandon),
         ping=hive.settings.sse_ping_s,
+        # The relay ends every stream with a farewell when this is set; the grace
+        # period is how long it has before sse-starlette cancels the stream.
+        shutdown_event=hive.relay.stopping,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+        send_timeout=SEND_TIMEOUT_S,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount
 
 from shared.connections import async_client, sync_client
@@ -17,6 +18,7 @@ from .api import routes
 from .auth import Auth
 from .errors import EXCEPTION_HANDLERS
 from .jobs import JobService
+from .limits import HeaderLimit
 from .reaper import Reaper
 from .relay import EventRelay
 
@@ -60,4 +62,9 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         from .hub_mirror import HubMirror
 
         hub_routes = [Mount("/hub", app=HubMirror(hub_root).app())]
-    return Starlette(routes=[*routes, *hub_routes], exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(
+        routes=[*routes, *hub_routes],
+        middleware=[Middleware(HeaderLimit)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

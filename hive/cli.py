@@ -93,7 +93,11 @@ def serve(
         admin_keys=admins,
         job_ttl_s=job_ttl_s,
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+    from .limits import SERVER_MAX_HEAD_BYTES
+
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=log_level.lower(), h11_max_incomplete_event_size=SERVER_MAX_HEAD_BYTES
+    )
 
 
 @app.command()

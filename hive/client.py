@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -16,6 +17,8 @@ import httpx
 from httpx_sse import connect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.events import STREAM_ERROR_CODES
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_UNREACHABLE = 0, 1, 2, 3
 RECONNECTS = 5
@@ -109,12 +112,20 @@ class StreamView:
 
 
 def follow(client: httpx.Client, sse_url: str, view: StreamView) -> None:
-    """Follows the stream to ``[DONE]``, resuming after dropped connections."""
+    """Follows the stream to ``[DONE]``, resuming after dropped connections and
+    after streams the hive ended while the job went on (it restarted, it lost Redis)."""
     last_id = ""
     for attempt in range(RECONNECTS + 1):
+        if attempt:  # a restarting hive or Redis needs a few seconds
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
         headers = {"Last-Event-ID": last_id} if last_id else {}
+        interrupted = ""
         try:
             with connect_sse(client, "GET", sse_url, headers=headers) as source:
+                if source.response.status_code == 503 and attempt < RECONNECTS:
+                    source.response.read()
+                    view.err.print(f"[yellow]{api_error_message(source.response)}; retrying[/]")
+                    continue
                 if source.response.status_code != 200:
                     source.response.read()
                     raise ClientError(api_error_message(source.response), EXIT_REJECTED)
@@ -122,14 +133,21 @@ def follow(client: httpx.Client, sse_url: str, view: StreamView) -> None:
                     if not sse.data:
                         continue  # keep-alive comment
                     if sse.data == "[DONE]":
+                        if interrupted:
+                            break
                         return
+                    data = json.loads(sse.data)
+                    if sse.event == "error" and data.get("code") in STREAM_ERROR_CODES:
+                        interrupted = f"{data['code']}: {data['message']}"
+                        continue
                     last_id = sse.id or last_id
-                    view.handle(sse.event, json.loads(sse.data))
+                    view.handle(sse.event, data)
+            interrupted = interrupted or "the stream ended without [DONE]"
         except httpx.TransportError as e:
-            if attempt == RECONNECTS:
-                raise ClientError(f"lost the stream: {e}", EXIT_UNREACHABLE) from e
-            view.err.print(f"[yellow]stream interrupted ({type(e).__name__}); resuming after event {last_id or 0}[/]")
-    raise ClientError("the stream ended without [DONE]", EXIT_UNREACHABLE)
+            interrupted = f"{type(e).__name__}: {e}"
+        if attempt == RECONNECTS:
+            raise ClientError(f"lost the stream ({interrupted})", EXIT_UNREACHABLE)
+        view.err.print(f"[yellow]stream interrupted ({interrupted}); resuming after event {last_id or 0}[/]")
 
 
 def run_prompt(url: str, body: dict, err: Console | None = None, api_key: str = "") -> int:

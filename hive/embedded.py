@@ -175,6 +175,7 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
 
     from .app import create_app
     from .client import run_prompt
+    from .limits import SERVER_MAX_HEAD_BYTES
 
     console = Console(stderr=True)
     if port_in_use(settings.host, settings.port):
@@ -191,8 +192,13 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
         worker = start_worker(settings, hf_endpoint or f"{url}/hub", verbose)
         stack.callback(stop_process, worker)
         server = uvicorn.Server(
-            uvicorn.Config(create_app(settings, hub_root=DEMO_MODELS), host=settings.host, port=settings.port,
-                           log_level="info" if verbose else "warning")
+            uvicorn.Config(
+                create_app(settings, hub_root=DEMO_MODELS),
+                host=settings.host,
+                port=settings.port,
+                log_level="info" if verbose else "warning",
+                h11_max_incomplete_event_size=SERVER_MAX_HEAD_BYTES,
+            )
         )
 
         def drive() -> None:

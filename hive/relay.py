@@ -11,10 +11,12 @@ gets every event exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
+import anyio
 import redis.asyncio as aioredis
 import redis.exceptions
 
@@ -32,6 +34,14 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 FOLLOWER_BUFFER = 4096
 
 Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
+#: Wakes a waiting follower when the hive shuts down (its seq is never sent).
+_WAKE_UP: Frame = (-1, "", b"")
+
+
+def _stream_error_frame(error: Error) -> bytes:
+    """An error of the stream, not of the job: no id, so a resume starts after the
+    last job event this client received."""
+    return f"event: error\ndata: {error.to_json()}\n\n".encode()
 
 
 @dataclass(eq=False)
@@ -39,6 +49,8 @@ class _Follower:
     queue: asyncio.Queue
     #: Frames were dropped on a full queue: read the log before waiting again.
     lagging: bool = False
+    #: The hive is shutting down: end the stream at the next frame boundary.
+    stopping: bool = False
 
 
 @dataclass
@@ -57,16 +69,33 @@ class EventRelay:
         self._unconfirmed: dict[str, int] = {}
         self._reader: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        #: Set by sse-starlette (``shutdown_event``) when uvicorn begins to shut down.
+        self.stopping: anyio.Event | None = None
 
     async def start(self) -> None:
         # A channel of our own keeps the connection subscribed while no job is followed.
         await self.pubsub.subscribe(keys.relay_channel())
         self._reader = asyncio.create_task(self._read_forever(), name="hive-relay")
+        self.stopping = anyio.Event()
+        self._spawn(self._end_streams_on_shutdown())
+
+    async def _end_streams_on_shutdown(self) -> None:
+        """On shutdown every open stream ends cleanly with an id-less ``error``
+        SHUTTING_DOWN and ``[DONE]`` instead of being cut mid-chunk; its job goes on,
+        and the client resumes it (Last-Event-ID) on another or the restarted hive."""
+        await self.stopping.wait()
+        log.info("shutting down: ending %d open streams", self.followers)
+        for entry in self._channels.values():
+            for follower in entry.followers:
+                follower.stopping = True
+                with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes it anyway
+                    follower.queue.put_nowait(_WAKE_UP)
 
     async def stop(self) -> None:
-        if self._reader:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, *self._tasks):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*filter(None, (self._reader, *self._tasks)), return_exceptions=True)
         await self.pubsub.aclose()
 
     @property
@@ -160,7 +189,7 @@ class EventRelay:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, asyncio.TimeoutError) as e:
             log.warning("job %s: ending a stream, Redis is unavailable: %s", job_id, e)
             error = Error("REDIS_UNAVAILABLE", "the hive lost Redis; reconnect with Last-Event-ID once /health is ok")
-            yield f"event: error\ndata: {error.to_json()}\n\n".encode()
+            yield _stream_error_frame(error)
             yield DONE_FRAME
 
     async def _follow(
@@ -179,6 +208,11 @@ class EventRelay:
                 yield DONE_FRAME  # resumed after the job's last event
                 return
             while True:
+                if follower.stopping or (self.stopping is not None and self.stopping.is_set()):
+                    error = Error("SHUTTING_DOWN", "the hive is shutting down; reconnect with Last-Event-ID to resume")
+                    yield _stream_error_frame(error)
+                    yield DONE_FRAME
+                    return
                 gap = False
                 for seq, type_, frame in pending:
                     if seq <= last:

@@ -100,6 +100,9 @@ class Error(Event):
 
 
 TERMINAL_TYPES = frozenset({End.type, Error.type})
+#: Codes of an ``error`` that ends a stream, not its job (sent without an id): the
+#: hive lost Redis or is shutting down. The job goes on; resume with Last-Event-ID.
+STREAM_ERROR_CODES = frozenset({"REDIS_UNAVAILABLE", "SHUTTING_DOWN"})
 
 
 def stream_id(seq: int) -> str:

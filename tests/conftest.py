@@ -47,7 +47,8 @@ def log_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
     """acme/tiny (and copies under other names, so tests can own a cold model),
-    and acme/big, whose shards are several MB."""
+    acme/big, whose shards are several MB, and acme/deep, small but with 200
+    decoder layers, so that loading it takes a while."""
     root = tmp_path_factory.mktemp("hub")
     tiny = build_model(root / "acme" / "tiny")
     for name in ("tiny-warm", "tiny-slow", "tiny-cli", "tiny-order"):
@@ -55,6 +56,7 @@ def model_root(tmp_path_factory) -> Path:
     big = build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
     shutil.copytree(big, root / "acme" / "big-cancel")
     shutil.copytree(big, root / "acme" / "big-retry")
+    build_model(root / "acme" / "deep", hidden_size=32, intermediate_size=64, num_layers=200, num_heads=2, num_kv_heads=1, shards=1)
     return root
 
 

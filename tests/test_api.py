@@ -6,10 +6,14 @@ queued and the queue length shows exactly what was enqueued.
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import pytest
 
-from tests.sse import submit
+from tests import processes
+from tests.sse import follow, submit
 
 pytestmark = pytest.mark.e2e
 
@@ -148,3 +152,50 @@ def test_health_reports_redis_and_workers(idle_hive):
     url, _ = idle_hive
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["redis"] == "ok" and health["workers"] == 0
+
+
+def test_oversized_headers_are_a_clear_4xx_and_the_hive_stays_up(idle_hive):
+    url, _ = idle_hive
+    response = httpx.get(f"{url}/health", headers={"X-Padding": "a" * 32_000})
+    assert response.status_code == 431 and response.json()["error"]["code"] == "HEADERS_TOO_LARGE"
+    response = httpx.get(f"{url}/health", headers={f"X-Many-{i}": "v" * 40 for i in range(1000)})
+    assert response.status_code == 431
+    # Past what the server buffers it answers a bare 400 and closes, or resets the
+    # connection while the client is still sending: never a 5xx, never a hang.
+    try:
+        response = httpx.post(f"{url}/v1/inference", headers={"X-Padding": "a" * 1_000_000}, json=GOOD)
+        assert response.status_code == 400
+    except httpx.TransportError:
+        pass
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_a_flood_of_connections_that_never_read_does_not_starve_others(idle_hive, redis_client):
+    """200 clients open a stream and never read it, 200 more connect and send
+    nothing: the hive still answers at once, a reading follower gets its events,
+    and every stream is released when its client goes."""
+    url, queue = idle_hive
+    job = httpx.post(f"{url}/v1/inference", json=GOOD).json()
+    host, port = url.removeprefix("http://").split(":")
+    request = f"GET {job['sse_url']} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    silent, streaming = [], []
+    try:
+        for _ in range(200):
+            silent.append(socket.create_connection((host, int(port))))
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(request)
+            streaming.append(sock)
+        processes.wait_until(lambda: processes.health(url)["followers"] == 200, 20, "200 followers")
+
+        started = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        other = httpx.post(f"{url}/v1/inference", json=GOOD, timeout=5)
+        assert other.status_code == 202 and time.monotonic() - started < 2.0
+        assert httpx.delete(f"{url}/v1/inference/{job['job_id']}").status_code == 200
+        received = follow(url, job["sse_url"], timeout=10)
+        assert [r.event for r in received] == ["queued", "error", "message"] and received[-1].done
+        httpx.delete(f"{url}/v1/inference/{other.json()['job_id']}")
+    finally:
+        for sock in silent + streaming:
+            sock.close()
+    processes.wait_until(lambda: processes.health(url)["followers"] == 0, 20, "streams released")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -73,6 +74,19 @@ def test_cancel_while_downloading_stops_the_download(cluster):
     )
     kinds = [r[0] for r in received]
     assert "loading" not in kinds and "token" not in kinds
+    error = next(r for r in received if r[0] == "error")
+    assert '"code":"CANCELLED"' in error[1] and error[2] - cancelled_at < 1.0
+    assert status(cluster.url, job["job_id"])["state"] == "cancelled"
+
+
+def test_cancel_while_loading_stops_between_layers(cluster):
+    # acme/deep has 200 decoder layers: the cancel lands while they are placed.
+    job = submit(cluster.url, model="acme/deep", prompt=PROMPT, max_tokens=4)
+    received, cancelled_at = stream_and_cancel(cluster.url, job, lambda received: received[-1][0] == "loading")
+    kinds = [r[0] for r in received]
+    assert "ready" not in kinds and "token" not in kinds
+    layers = [json.loads(r[1]) for r in received if r[0] == "loading"]
+    assert layers[-1]["layers_loaded"] < layers[-1]["layers_total"] == 200
     error = next(r for r in received if r[0] == "error")
     assert '"code":"CANCELLED"' in error[1] and error[2] - cancelled_at < 1.0
     assert status(cluster.url, job["job_id"])["state"] == "cancelled"

@@ -1,5 +1,5 @@
-"""Redis stops and comes back under a running hive: clear errors, no hang, and
-the hive reconnects by itself."""
+"""Redis stops and comes back under a running hive and a worker in the middle of
+a job: clear errors, no hang, nothing stuck, and both reconnect by themselves."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from worker.reporter import JobReporter
 pytestmark = pytest.mark.e2e
 
 
-def start_redis_on(port: int, log_dir) -> processes.Proc:
+def start_redis_on(port: int, log_dir, data_dir=None) -> processes.Proc:
+    """``data_dir``: keep an append-only file there, so a restart keeps the data."""
     exe = shutil.which("redis-server")
-    proc = processes.start(f"redis-{port}", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], log_dir)
+    persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)] if data_dir else ["--appendonly", "no"]
+    name = f"redis-{port}-{time.monotonic_ns()}"
+    proc = processes.start(name, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence], log_dir)
     client = redis.Redis(port=port)
     processes.wait_until(client.ping, 10, "redis-server", (proc,))
     client.close()
@@ -73,5 +76,55 @@ def test_hive_survives_a_redis_restart(log_dir):
         assert result["events"][-2].at - sent_at < 2.0  # live, not the 5 s catch-up
         connection.close()
     finally:
+        hive.stop()
+        redis_proc.stop()
+
+
+def test_a_worker_outlives_a_redis_restart_in_the_middle_of_a_job(log_dir, hub, tmp_path):
+    port = processes.free_port()
+    redis_proc = start_redis_on(port, log_dir, tmp_path)
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    hive_port = processes.free_port()
+    url = f"http://127.0.0.1:{hive_port}"
+    hive = processes.start(
+        "hive-worker-outage", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(hive_port)), log_dir
+    )
+    worker = processes.start(
+        "worker-outage",
+        processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--token-delay-ms", "100"),
+        log_dir,
+        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")},
+    )
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        processes.wait_until(lambda: processes.health(url).get("workers") == 1, processes.STARTUP_TIMEOUT_S, "cluster", (hive, worker))
+        job = submit(url, model="acme/tiny", prompt="The quick brown fox", max_tokens=200, temperature=0)
+        log_key = f"hive:job:{job['job_id']}:events"
+        processes.wait_until(lambda: client.xlen(log_key) >= 8, 30, "a few tokens", (worker,))
+
+        redis_proc.stop()
+        down_at = time.monotonic()
+        processes.wait_until(lambda: "lost Redis" in worker.log(), 10, "the worker noticing")
+        redis_proc = start_redis_on(port, log_dir, tmp_path)
+        outage_s = time.monotonic() - down_at
+
+        # The job ends (it is not left "running"), with a clear error, and its
+        # stream is still one ordered log: a follower reads it to the end.
+        processes.wait_until(lambda: client.hget(f"hive:job:{job['job_id']}", "state") == "failed", 15, "the job ending", (worker,))
+        received = follow(url, job["sse_url"], timeout=20)
+        error = received[-2].json()
+        assert error["code"] == "REDIS_UNAVAILABLE" and "mid-job" in error["message"] and received[-1].done
+        ids = [int(r.id) for r in received[:-1]]
+        assert ids == list(range(1, len(ids) + 1))
+        assert outage_s < 10
+
+        # The worker itself lived through it and takes the next job.
+        worker.check_alive()
+        job = submit(url, model="acme/tiny", prompt="The quick brown fox", max_tokens=5, temperature=0)
+        received = follow(url, job["sse_url"], timeout=30)
+        assert received[-2].event == "end" and received[-2].json()["tokens_out"] == 5
+    finally:
+        client.close()
+        worker.stop()
         hive.stop()
         redis_proc.stop()

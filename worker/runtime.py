@@ -30,6 +30,15 @@ from .reporter import JobReporter
 log = logging.getLogger(__name__)
 
 
+#: Redis could not be reached, even after the client's own retries.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+OUTAGE_POLL_S = 0.5
+
+
+class JobAbandoned(Exception):
+    """A hive's reaper took the job over: this worker must not write to it again."""
+
+
 class InvalidRequest(Exception):
     code = "INVALID_REQUEST"
 
@@ -69,7 +78,7 @@ class WorkerRuntime:
         self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
         self.models = ModelCache(self.device, settings.dtype)
         self.cancels = CancelWatcher(connection)
-        self.lease = JobLease(connection)
+        self.lease = JobLease(connection, settings.job_ttl_s)
 
     def run_job(self, job_id: str, spec: dict) -> None:
         self.cancels.begin(job_id)
@@ -86,8 +95,12 @@ class WorkerRuntime:
             if reporter.cancelled_before_start:
                 self.cancels.cancel_current()
             try:
-                self.cancels.check()
+                self._check()
                 self._run(job_id, InferenceRequest.model_validate(spec), reporter)
+            except JobAbandoned:
+                log.warning("job %s: abandoned, its lease was taken over", job_id)
+            except REDIS_DOWN:
+                raise
             except JobCancelled as e:
                 log.info("job %s cancelled before its first token", job_id)
                 reporter.finish(
@@ -98,29 +111,64 @@ class WorkerRuntime:
                 code = error_code(e)
                 message = str(e) or type(e).__name__
                 reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+        except REDIS_DOWN as e:
+            self._after_outage(job_id, e)
         finally:
             self.lease.release()
             self.cancels.end()
+
+    def _check(self) -> None:
+        """Between tokens, chunks and layers: stop if the job was taken over or cancelled."""
+        if self.lease.lost:
+            raise JobAbandoned()
+        self.cancels.check()
+
+    def _after_outage(self, job_id: str, error: Exception) -> None:
+        """Redis went away mid-job. Wait for it (returning now would leave RQ's own
+        bookkeeping to fail and stop the worker), then end the job with a clear
+        error, unless a hive's reaper took it over meanwhile (the lease decides,
+        as between two reapers) or Redis came back without it."""
+        log.warning("job %s: lost Redis (%s); waiting for it to come back", job_id, error)
+        down_since = time.monotonic()
+        while True:
+            try:
+                self.redis.ping()
+                break
+            except REDIS_DOWN:
+                time.sleep(OUTAGE_POLL_S)
+        outage_s = time.monotonic() - down_since
+        if not self.lease.reclaim(job_id):
+            log.warning("job %s: Redis is back after %.1f s; a hive has taken the job over", job_id, outage_s)
+            return
+        message = f"the worker lost its connection to Redis mid-job for {outage_s:.1f} s"
+        log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job_id, outage_s)
+        # A fresh reporter re-reads where the log stands: some events may not have made it.
+        reporter = JobReporter(self.redis, job_id, self.settings.job_ttl_s)
+        reporter.finish(
+            Error("REDIS_UNAVAILABLE", message),
+            JobState.failed,
+            **{jobs.ERROR_CODE: "REDIS_UNAVAILABLE", jobs.ERROR_MESSAGE: message},
+        )
 
     def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
         loaded = self.models.get(request.model, request.revision)
         if loaded is not None:
             return loaded, True, 0.0
         reporter.update(JobState.downloading)
-        folder = fetch_model(request.model, request.revision, reporter.emit, self.cancels.check)
-        self.cancels.check()
+        folder = fetch_model(request.model, request.revision, reporter.emit, self._check)
+        self._check()
         reporter.update(JobState.loading)
 
         def on_layer(p):
             reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
-            self.cancels.check()
+            self._check()
 
         loaded = self.models.load(request.model, request.revision, folder, on_layer)
         return loaded, False, loaded.load_ms
 
     def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
         loaded, warm, load_ms = self._model(request, reporter)
-        self.cancels.check()
+        self._check()
         reporter.emit(Ready(load_ms, warm))
         prompt_ids = encode_prompt(loaded.tokenizer, request)
         params = SamplingParams(
@@ -155,6 +203,8 @@ class WorkerRuntime:
             if self.cancels.cancelled:
                 stop_reason = "cancelled"
                 break
+            if self.lease.lost:
+                raise JobAbandoned()
             if delay_s:
                 time.sleep(delay_s)
         end_at = time.perf_counter()
