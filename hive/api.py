@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shared import jobs as job_fields
-from shared.spec import InferenceRequest
+from shared.spec import InferenceRequest, PullRequest
 
 from .errors import ApiError
 from .jobs import JobFinished, JobNotFound, QueueFull
@@ -169,6 +169,67 @@ async def health(request: Request) -> Response:
     )
 
 
+async def list_workers(request: Request) -> Response:
+    """Live workers; their current jobs only for admin keys (and in local mode)."""
+    hive = request.app.state.hive
+    principal = hive.auth.authenticate(request)
+    return JSONResponse({"workers": await hive.fleet.workers(with_jobs=principal.admin)})
+
+
+async def list_models(request: Request) -> Response:
+    """Models held by live workers, in memory or in their hub caches. Shaped as
+    OpenAI's model list (``object``/``data``/``id``) with Hive's fields added."""
+    hive = request.app.state.hive
+    hive.auth.authenticate(request)
+    models = await hive.fleet.models()
+    data = [{"id": m["model"], "object": "model", "owned_by": m["model"].split("/")[0], **m} for m in models]
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _require_admin(request: Request) -> None:
+    if not request.app.state.hive.auth.authenticate(request).admin:
+        raise ApiError(403, "FORBIDDEN", "this endpoint needs an admin key (HIVE_ADMIN_KEYS)")
+
+
+async def pull_model(request: Request) -> Response:
+    """Downloads a model into a worker's hub cache ahead of its first job; answers
+    like an inference job, whose stream shows the download."""
+    _require_admin(request)
+    hive = request.app.state.hive
+    principal = hive.auth.authenticate(request)
+    body = await read_json_body(request, hive.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
+    try:
+        spec = PullRequest.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from e
+    try:
+        job_id, position = await hive.jobs.submit(spec, principal.owner)
+    except QueueFull as e:
+        raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
+    urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)
+    return JSONResponse(
+        {"job_id": job_id, "state": "queued", "position": position, **urls}, status_code=202, headers={"Location": urls["status_url"]}
+    )
+
+
+async def delete_model(request: Request) -> Response:
+    """Removes a model from the workers' hub caches; 409 while a worker holds it loaded."""
+    _require_admin(request)
+    hive = request.app.state.hive
+    model = f"{request.path_params['org']}/{request.path_params['name']}"
+    known = [m for m in await hive.fleet.models() if m["model"] == model]
+    if not known:
+        raise ApiError(404, "MODEL_NOT_FOUND", f"no worker has {model} loaded or cached")
+    loaded_on = sorted({w for m in known for w in m["loaded_on"]})
+    if loaded_on:
+        raise ApiError(409, "MODEL_IN_USE", f"{model} is loaded on {', '.join(loaded_on)}; it can be deleted once unloaded (keep_alive)")
+    cached_on = sorted({w for m in known for w in m["cached_on"]})
+    await hive.fleet.delete_cached(model)
+    return JSONResponse({"model": model, "deleting_on": cached_on}, status_code=202)
+
+
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_schema())
 
@@ -180,4 +241,8 @@ routes = [
     Route("/v1/inference/{job_id}", job_status, methods=["GET"]),
     Route("/v1/inference/{job_id}", cancel_job, methods=["DELETE"]),
     Route("/v1/inference/{job_id}/stream", job_stream, methods=["GET"]),
+    Route("/v1/workers", list_workers, methods=["GET"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/pull", pull_model, methods=["POST"]),
+    Route("/v1/models/{org}/{name}", delete_model, methods=["DELETE"]),
 ]

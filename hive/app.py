@@ -17,6 +17,7 @@ from shared.settings import Settings
 from .api import routes
 from .auth import Auth
 from .errors import EXCEPTION_HANDLERS
+from .fleet import Fleet
 from .jobs import JobService
 from .limits import HeaderLimit
 from .reaper import Reaper
@@ -33,10 +34,28 @@ class Hive:
     jobs: JobService
     relay: EventRelay
     auth: Auth
+    fleet: Fleet
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
-    """``hub_root``: serve the model folders under it as a hub endpoint at ``/hub``."""
+    """``/hub`` is a pull-through mirror of ``settings.hub_upstream`` (none when that is
+    empty); with ``hub_root`` it serves the model folders under it instead."""
+    hub = None
+    hub_routes = []
+    if hub_root is not None:
+        from .hub_mirror import HubMirror
+
+        # `hive up` serves its demo model from the folder rather than seeding a cache:
+        # its worker shares the user's HF cache, where a seeded model would show no
+        # download, and the demo must run with no upstream at all.
+        hub_routes = [Mount("/hub", app=HubMirror(hub_root).app())]
+    elif settings.hub_upstream:
+        from huggingface_hub import constants
+
+        from .hub_proxy import PullThroughMirror
+
+        hub = PullThroughMirror(settings.hub_upstream, settings.hub_cache or constants.HF_HUB_CACHE)
+        hub_routes = [Mount("/hub", app=hub.app())]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -47,7 +66,8 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         jobs = JobService(settings, connection, sync_connection)
         reaper = Reaper(connection, jobs)
         reaper.start()
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings))
+        fleet = Fleet(connection, settings.queue, str(hub.cache.root) if hub is not None else None)
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings), fleet)
         log.info("hive ready: %r", settings)
         try:
             yield
@@ -56,12 +76,9 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
             await relay.stop()
             await connection.aclose()
             sync_connection.close()
+            if hub is not None:  # a mounted app's own lifespan never runs
+                await hub.aclose()
 
-    hub_routes = []
-    if hub_root is not None:
-        from .hub_mirror import HubMirror
-
-        hub_routes = [Mount("/hub", app=HubMirror(hub_root).app())]
     return Starlette(
         routes=[*routes, *hub_routes],
         middleware=[Middleware(HeaderLimit)],

@@ -6,6 +6,7 @@ Every option has a ``HIVE_*`` environment variable; the command line wins.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Optional
 
 import typer
@@ -24,6 +25,14 @@ Port = Annotated[int, typer.Option(envvar="HIVE_PORT", min=1, max=65535, help="P
 Queue = Annotated[str, typer.Option(envvar="HIVE_QUEUE", help="RQ queue for inference jobs.")]
 Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 LogLevel = Annotated[str, typer.Option(envvar="HIVE_LOG_LEVEL", help="debug, info, warning or error.")]
+MaxMemory = Annotated[
+    str,
+    typer.Option(envvar="HIVE_MAX_MEMORY", help="Memory for loaded models (8GiB, 512MB); auto: the device's free memory minus 1 GiB."),
+]
+KeepAlive = Annotated[
+    str,
+    typer.Option(envvar="HIVE_KEEP_ALIVE", help="Unload a model this long after its last job (30s, 5m, 1h; 0: at once; -1: never)."),
+]
 JobTtl = Annotated[int, typer.Option(envvar="HIVE_JOB_TTL_S", min=1, help="Job records and replay logs expire this long after the job ends.")]
 HiveUrl = Annotated[str, typer.Option("--url", envvar="HIVE_URL", help="The hive to talk to.")]
 ApiKey = Annotated[str, typer.Option(envvar="HIVE_API_KEY", help="API key for a hive that wants one.", show_default=False)]
@@ -60,6 +69,9 @@ def serve(
     job_timeout_s: Annotated[int, typer.Option(envvar="HIVE_JOB_TIMEOUT_S", min=1, help="A job running longer ends with TIMEOUT.")] = 3600,
     api_keys: Annotated[str, typer.Option(envvar="HIVE_API_KEYS", help="API keys: k1,k2 or @file. None: local mode, loopback only.", show_default=False)] = "",
     admin_keys: Annotated[str, typer.Option(envvar="HIVE_ADMIN_KEYS", help="Admin keys (see every job): k1,k2 or @file.", show_default=False)] = "",
+    hub: Annotated[bool, typer.Option("--hub/--no-hub", envvar="HIVE_HUB", help="Serve /hub, a pull-through mirror of the upstream hub, for workers' HF_ENDPOINT.")] = True,
+    hub_upstream: Annotated[str, typer.Option(envvar="HIVE_HUB_UPSTREAM", help="The hub /hub pulls from on a miss.")] = "https://huggingface.co",
+    hub_cache: Annotated[str, typer.Option(envvar="HIVE_HUB_CACHE", help="Hugging Face cache folder /hub serves and fills (default: HF_HUB_CACHE).", show_default=False)] = "",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
 ) -> None:
@@ -79,6 +91,8 @@ def serve(
         raise typer.BadParameter(
             f"no API keys: local mode listens on loopback only, not {host}; set HIVE_API_KEYS to serve others", param_hint="--host"
         )
+    if hub and not hub_upstream.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{hub_upstream!r} is not an http(s) URL", param_hint="--hub-upstream")
     settings = Settings(
         redis_url=redis_url,
         host=host,
@@ -92,6 +106,8 @@ def serve(
         api_keys=keys_,
         admin_keys=admins,
         job_ttl_s=job_ttl_s,
+        hub_upstream=hub_upstream if hub else "",
+        hub_cache=hub_cache,
     )
     from .limits import SERVER_MAX_HEAD_BYTES
 
@@ -108,12 +124,16 @@ def worker(
     dtype: Annotated[str, typer.Option(envvar="HIVE_DTYPE", help="auto, float32, bfloat16 or float16.")] = "auto",
     name: Annotated[str, typer.Option(envvar="HIVE_WORKER_NAME", help="Worker name (default host:device:pid).")] = "",
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token (demos, tests).")] = 0.0,
+    max_memory: MaxMemory = "auto",
+    keep_alive: KeepAlive = "5m",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a worker: one long-lived process per device that keeps models loaded."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    memory_bytes = _memory_size(max_memory)
+    keep_alive_s = _duration(keep_alive)
     _logging(log_level)
     from worker.main import run_worker
 
@@ -126,8 +146,34 @@ def worker(
             worker_name=name,
             token_delay_ms=token_delay_ms,
             job_ttl_s=job_ttl_s,
+            max_memory=memory_bytes,
+            keep_alive_s=keep_alive_s,
         )
     )
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def _memory_size(text: str) -> int:
+    """``auto`` → 0; ``8GiB``, ``512MB`` or plain bytes → bytes."""
+    if text.strip().lower() == "auto":
+        return 0
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise typer.BadParameter(f"{text!r}: expected auto or a size like 8GiB, 512MB", param_hint="--max-memory")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _duration(text: str) -> float:
+    from shared.spec import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise typer.BadParameter(f"{text!r}: {e}", param_hint="--keep-alive") from None
 
 
 def _prompt_body(prompt: str, model: str, max_tokens: int, temperature: float, seed: Optional[int], stop: list[str]) -> dict:

@@ -2,9 +2,11 @@
 
 Point ``HF_ENDPOINT`` at it and the real huggingface_hub client downloads from it:
 ``hive up`` serves its built-in demo model this way (mounted at ``/hub``), and the
-tests serve the tiny models they generate. Only the read API a download needs:
+tests serve the tiny models they generate (``python -m hive.hub_mirror ROOT``).
+Only the read API a download needs (``hub_routes``):
 ``GET /api/models/<org>/<name>[/revision/<rev>]`` and
 ``HEAD|GET /<org>/<name>/resolve/<rev>/<file>`` with the hub's headers.
+``hive serve`` mounts the pull-through mirror (``hub_proxy.py``) on the same routes.
 
 Layout of ``root``: ``<org>/<name>/<files>``. The commit hash is derived from the
 files' contents, so it changes whenever a file does.
@@ -24,10 +26,25 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from shared.spec import MODEL_ID_PATTERN
+from shared.spec import MODEL_ID_PATTERN, REVISION_PATTERN
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_REVISION = re.compile(REVISION_PATTERN)
 _CHUNK = 64 * 1024
+
+
+def valid_repo_id(repo_id: str) -> bool:
+    return bool(_MODEL_ID.match(repo_id)) and ".." not in repo_id
+
+
+def valid_revision(revision: str) -> bool:
+    """A branch, tag or commit that is safe as a path under ``refs/`` (``refs/pr/1`` too)."""
+    return bool(_REVISION.match(revision)) and all(part not in ("", ".", "..") for part in revision.split("/"))
+
+
+def valid_filename(filename: str) -> bool:
+    """A repo file name that stays inside its folder (``onnx/model.onnx`` too)."""
+    return "\\" not in filename and "\0" not in filename and all(part not in ("", ".", "..") for part in filename.split("/"))
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,7 @@ def _sha256(path: Path) -> str:
 
 
 def scan_repo(root: Path, repo_id: str) -> Repo | None:
-    if not _MODEL_ID.match(repo_id) or ".." in repo_id:
+    if not valid_repo_id(repo_id):
         return None
     folder = root / repo_id
     if not folder.is_dir():
@@ -65,8 +82,17 @@ def scan_repo(root: Path, repo_id: str) -> Repo | None:
     return Repo(repo_id, commit, files)
 
 
-def _not_found(code: str, message: str) -> Response:
+def not_found(code: str, message: str) -> Response:
+    """A 404 as the hub sends it: huggingface_hub tells the kind from ``X-Error-Code``."""
     return JSONResponse({"error": message}, status_code=404, headers={"X-Error-Code": code})
+
+
+def hub_routes(model_info, resolve) -> list[Route]:
+    return [
+        Route("/api/models/{org}/{name}", model_info),
+        Route("/api/models/{org}/{name}/revision/{revision:path}", model_info),
+        Route("/{org}/{name}/resolve/{revision}/{filename:path}", resolve, methods=["GET", "HEAD"]),
+    ]
 
 
 class HubMirror:
@@ -96,10 +122,10 @@ class HubMirror:
         repo_id = f"{request.path_params['org']}/{request.path_params['name']}"
         repo = self.repo(repo_id)
         if repo is None:
-            return _not_found("RepoNotFound", f"Repository {repo_id} not found")
+            return not_found("RepoNotFound", f"Repository {repo_id} not found")
         revision = request.path_params.get("revision", "main")
         if revision not in ("main", repo.commit):
-            return _not_found("RevisionNotFound", f"Revision {revision} not found")
+            return not_found("RevisionNotFound", f"Revision {revision} not found")
         siblings = [
             {"rfilename": name, "size": f.size, "blobId": f.sha256[:40], "lfs": {"size": f.size, "sha256": f.sha256, "pointerSize": 134}}
             for name, f in repo.files.items()
@@ -111,12 +137,12 @@ class HubMirror:
         repo_id = f"{p['org']}/{p['name']}"
         repo = self.repo(repo_id)
         if repo is None:
-            return _not_found("RepoNotFound", f"Repository {repo_id} not found")
+            return not_found("RepoNotFound", f"Repository {repo_id} not found")
         if p["revision"] not in ("main", repo.commit):
-            return _not_found("RevisionNotFound", f"Revision {p['revision']} not found")
+            return not_found("RevisionNotFound", f"Revision {p['revision']} not found")
         entry = repo.files.get(p["filename"])
         if entry is None:
-            return _not_found("EntryNotFound", f"{p['filename']} not found in {repo_id}")
+            return not_found("EntryNotFound", f"{p['filename']} not found in {repo_id}")
         headers = {
             "X-Repo-Commit": repo.commit,
             "ETag": f'"{entry.sha256}"',
@@ -136,13 +162,7 @@ class HubMirror:
                 await asyncio.sleep(len(chunk) / self.bytes_per_s)
 
     def app(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route("/api/models/{org}/{name}", self.model_info),
-                Route("/api/models/{org}/{name}/revision/{revision:path}", self.model_info),
-                Route("/{org}/{name}/resolve/{revision}/{filename}", self.resolve, methods=["GET", "HEAD"]),
-            ]
-        )
+        return Starlette(routes=hub_routes(self.model_info, self.resolve))
 
 
 def main() -> None:
@@ -153,8 +173,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7834)
     parser.add_argument("--bytes-per-s", type=int, default=0, help="throttle file bodies (0: no limit)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (tests count what was served)")
     args = parser.parse_args()
-    uvicorn.run(HubMirror(args.root, args.bytes_per_s).app(), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        HubMirror(args.root, args.bytes_per_s).app(),
+        host=args.host,
+        port=args.port,
+        log_level="info" if args.access_log else "warning",
+        access_log=args.access_log,
+    )
 
 
 if __name__ == "__main__":

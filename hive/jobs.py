@@ -2,6 +2,14 @@
 
 Submission writes the job record, the first event (``queued``) and the RQ job in
 one MULTI, so a job is either wholly accepted or not at all.
+
+Routing: each worker listens to its own RQ queue, then to the cluster's shared
+one. A job whose model an idle worker already holds goes to that worker's own
+queue (the worker is claimed from the model's idle set with ZPOPMAX, so two jobs
+never pick the same idle worker); any other job goes to the shared queue, where
+the first free worker takes it. A job left on the own queue of a worker that is
+busy (a claim raced with it taking another job) or dead is handed on to the
+front of the shared queue by the reaper within a second.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from shared import events, jobs, keys
 from shared.events import Error, Queued, Retry
 from shared.settings import Settings
-from shared.spec import FINAL_STATES, InferenceRequest, JobState
+from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
 
 
 class JobNotFound(Exception):
@@ -47,13 +55,14 @@ class JobService:
         # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
 
-    async def submit(self, request: InferenceRequest, owner: str) -> tuple[str, int]:
-        """Returns (job id, queue position)."""
+    async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
+        """Returns (job id, queue position). A PullRequest downloads the model only."""
         job_id = uuid.uuid4().hex
         position = await run_in_threadpool(self._enqueue, job_id, request, owner)
         return job_id, position
 
-    def _enqueue(self, job_id: str, request: InferenceRequest, owner: str) -> int:
+    def _enqueue(self, job_id: str, request: InferenceRequest | PullRequest, owner: str) -> int:
+        kind = "pull" if isinstance(request, PullRequest) else "inference"
         ttl = self.settings.job_ttl_s
         with self.queue.connection.pipeline(transaction=False) as pipe:
             pipe.zcard(keys.queued(self.queue.name))
@@ -67,7 +76,9 @@ class JobService:
             raise QueueFull(
                 f"{waiting_for_model} jobs for {request.model} are waiting (the limit is {self.settings.max_queue_per_model})"
             )
-        position = waiting + 1
+        warm = self._claim_warm_worker(request.model, request.revision) if kind == "inference" else None
+        rq_queue = self.queue if warm is None else self._queue(keys.worker_queue(self.queue.name, warm))
+        position = 1 if warm else waiting + 1  # a warm job waits behind no one
         queued = Queued(position)
         with self.queue.connection.pipeline() as pipe:
             pipe.multi()  # RQ expects a pipeline already in MULTI when handed one
@@ -82,23 +93,42 @@ class JobService:
                     jobs.ATTEMPT: "1",
                     jobs.RQ_ID: job_id,
                     jobs.QUEUE: self.queue.name,
+                    jobs.RQ_QUEUE: rq_queue.name,
+                    jobs.KIND: kind,
                     jobs.OWNER: owner,
                 },
             )
             pipe.expire(keys.job(job_id), ttl)
             pipe.xadd(keys.job_events(job_id), {"e": queued.type, "d": queued.to_json()}, id=events.stream_id(1))
             pipe.expire(keys.job_events(job_id), ttl)
-            self._enqueue_rq(pipe, self.queue, job_id, job_id, request.model_dump(mode="json"))
+            self._enqueue_rq(pipe, self.queue.name, rq_queue, job_id, job_id, request.model_dump(mode="json"), kind)
             pipe.execute()
         return position
 
-    def _enqueue_rq(self, pipe, queue: Queue, job_id: str, rq_id: str, spec: dict) -> None:
+    def _queue(self, name: str) -> Queue:
+        return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)
+
+    def _claim_warm_worker(self, model: str, revision: str | None) -> str | None:
+        """An idle, live worker holding the model, taken off the idle set, or None."""
+        connection = self.queue.connection
+        key = keys.idle_with(self.queue.name, model, revision)
+        while popped := connection.zpopmax(key):
+            name = popped[0][0].decode()
+            beat = connection.zscore(keys.workers(self.queue.name), name)
+            if beat is not None and beat >= time.time() - keys.WORKER_DEAD_AFTER_S:
+                return name
+            # A dead worker's entry: dropped; try the next.
+        return None
+
+    def _enqueue_rq(self, pipe, cluster_queue: str, rq_queue: Queue, job_id: str, rq_id: str, spec: dict, kind: str) -> None:
+        """``cluster_queue`` counts the job for depth limits and queue-wait timeouts;
+        ``rq_queue`` (the shared queue or a worker's own) carries it."""
         ttl = self.settings.job_ttl_s
-        for key in (keys.queued(queue.name), keys.queued_for_model(queue.name, spec["model"])):
+        for key in (keys.queued(cluster_queue), keys.queued_for_model(cluster_queue, spec["model"])):
             pipe.zadd(key, {job_id: time.time()})
             pipe.expire(key, ttl)
-        queue.enqueue_call(
-            jobs.RUN_INFERENCE,
+        rq_queue.enqueue_call(
+            jobs.TASKS[kind],
             args=(job_id, spec),
             job_id=rq_id,
             timeout=self.settings.job_timeout_s,
@@ -153,10 +183,19 @@ class JobService:
             rq_id = f"{job_id}-{attempt}"  # RQ ids allow letters, digits, _ and -
             spec = json.loads(record[jobs.SPEC])
             # Back on the job's own queue, whichever hive's reaper got here first.
-            queue = Queue(record.get(jobs.QUEUE) or self.queue.name, connection=self.queue.connection, serializer=JSONSerializer)
-            fields = {jobs.STATE: JobState.queued.value, jobs.ATTEMPT: str(attempt), jobs.RQ_ID: rq_id, jobs.WORKER: ""}
+            queue = self._queue(record.get(jobs.QUEUE) or self.queue.name)
+            fields = {
+                jobs.STATE: JobState.queued.value,
+                jobs.ATTEMPT: str(attempt),
+                jobs.RQ_ID: rq_id,
+                jobs.RQ_QUEUE: queue.name,
+                jobs.WORKER: "",
+            }
             self._append_event(
-                job_id, Retry(attempt, f"worker {worker} lost"), fields, lambda pipe: self._enqueue_rq(pipe, queue, job_id, rq_id, spec)
+                job_id,
+                Retry(attempt, f"worker {worker} lost"),
+                fields,
+                lambda pipe: self._enqueue_rq(pipe, queue.name, queue, job_id, rq_id, spec, record.get(jobs.KIND) or "inference"),
             )
             return "retried"
         phase = "after its first token" if record.get(jobs.FIRST_TOKEN_AT) else f"on attempt {attempt}"
@@ -193,8 +232,9 @@ class JobService:
         """Whether the job was still waiting on its queue (then no worker will ever take it)."""
         rq_id = record.get(jobs.RQ_ID) or job_id
         queue_name = record.get(jobs.QUEUE) or self.queue.name
+        rq_queue = record.get(jobs.RQ_QUEUE) or queue_name
         with self.queue.connection.pipeline(transaction=False) as pipe:
-            pipe.lrem(Queue(queue_name, connection=self.queue.connection).key, 0, rq_id)
+            pipe.lrem(self._queue(rq_queue).key, 0, rq_id)
             pipe.zrem(keys.queued(queue_name), job_id)
             pipe.zrem(keys.queued_for_model(queue_name, record.get(jobs.MODEL, "")), job_id)
             removed = pipe.execute()[0]
@@ -209,10 +249,46 @@ class JobService:
         ended = 0
         for raw_id in connection.zrangebyscore(keys.queued(self.queue.name), 0, cutoff):
             job_id = raw_id.decode()
-            fields = (jobs.RQ_ID, jobs.MODEL, jobs.QUEUE)
+            fields = (jobs.RQ_ID, jobs.MODEL, jobs.QUEUE, jobs.RQ_QUEUE)
             record = {k: v.decode() for k, v in zip(fields, connection.hmget(keys.job(job_id), *fields)) if v}
             if self._take_off_queue(job_id, record):
                 message = f"waited longer than {self.settings.max_queue_wait_s:g} s in the queue"
                 self._end_here(job_id, JobState.failed, Error("TIMEOUT", message))
                 ended += 1
         return ended
+
+    def hand_on_stranded(self) -> int:
+        """Moves the jobs waiting on the own queue of a worker that will not take
+        them soon (it is dead, or busy with another job) to the front of the shared
+        queue, oldest first; drops dead workers from the list. Returns how many moved.
+
+        Goes by RQ's list of queues, not by the live workers: a job routed to a
+        worker in the instant it was declared dead is still found."""
+        connection = self.queue.connection
+        shared = self.queue.name
+        now = time.time()
+        beats = {name.decode(): beat for name, beat in connection.zrange(keys.workers(shared), 0, -1, withscores=True)}
+        for name, beat in beats.items():
+            if beat < now - keys.WORKER_DEAD_AFTER_S:
+                connection.zrem(keys.workers(shared), name)
+        prefix = self._queue(keys.worker_queue(shared, "")).key
+        moved = 0
+        for queue_key in connection.smembers(Queue.redis_queues_keys):
+            queue_key = queue_key.decode()
+            if not queue_key.startswith(prefix):
+                continue
+            name = queue_key.removeprefix(prefix)
+            dead = beats.get(name, 0.0) < now - keys.WORKER_DEAD_AFTER_S
+            if not dead and connection.hget(keys.worker(name), "state") in (b"idle", None):
+                continue  # it takes them itself in a moment
+            # From the back of its queue to the front of the shared one: order kept.
+            while rq_id := connection.lmove(queue_key, self.queue.key, "RIGHT", "LEFT"):
+                rq_id = rq_id.decode()
+                with connection.pipeline(transaction=False) as pipe:
+                    pipe.hset(Job.key_for(rq_id), "origin", shared)
+                    pipe.hset(keys.job(rq_id.split("-")[0]), jobs.RQ_QUEUE, shared)
+                    pipe.execute()
+                moved += 1
+            if dead:
+                connection.srem(Queue.redis_queues_keys, queue_key)
+        return moved

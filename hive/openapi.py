@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from shared.spec import InferenceRequest
+from shared.spec import InferenceRequest, PullRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -35,6 +35,7 @@ def openapi_schema() -> dict:
     request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components = request_schema.pop("$defs", {})
     components["InferenceRequest"] = request_schema
+    components["PullRequest"] = PullRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components["Error"] = {
         "type": "object",
         "required": ["error"],
@@ -97,6 +98,37 @@ def openapi_schema() -> dict:
                         "200": {"description": "the job's events", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         "400": _error("bad Last-Event-ID"),
                         "404": _error("unknown job"),
+                        **auth,
+                    },
+                }
+            },
+            "/v1/workers": {"get": {"responses": {"200": _json({"type": "object"}, "live workers"), **auth}}},
+            "/v1/models": {"get": {"responses": {"200": _json({"type": "object"}, "models held by workers and the hive"), **auth}}},
+            "/v1/models/pull": {
+                "post": {
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PullRequest"}}}},
+                    "responses": {
+                        "202": _json({"$ref": "#/components/schemas/JobAccepted"}, "accepted: the stream shows the download"),
+                        "400": _error("not JSON"),
+                        "403": _error("not an admin key"),
+                        "413": _error("body too large"),
+                        "422": _error("invalid request"),
+                        "429": _error("queue full"),
+                        **auth,
+                    },
+                }
+            },
+            "/v1/models/{org}/{name}": {
+                "delete": {
+                    "parameters": [
+                        {"name": "org", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "202": _json({"type": "object"}, "the workers holding it in their caches delete it"),
+                        "403": _error("not an admin key"),
+                        "404": _error("no worker has it"),
+                        "409": _error("loaded on a worker"),
                         **auth,
                     },
                 }

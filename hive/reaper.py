@@ -1,5 +1,6 @@
-"""Finding jobs whose worker died, or that waited too long: no job stays
-"running" or "queued" forever.
+"""Finding jobs whose worker died, or that waited too long, or that wait on the
+own queue of a worker that will not take them soon: no job stays "running" or
+"queued" forever, and none waits behind a busy worker.
 
 Workers hold a lease on the job they run (``keys.RUNNING``, renewed every second).
 Every hive looks once a second for leases past their deadline; the one whose
@@ -42,6 +43,9 @@ class Reaper:
         timed_out = await run_in_threadpool(self.jobs.expire_waiting)
         if timed_out:
             log.warning("%d jobs waited past the queue-wait limit: ended with TIMEOUT", timed_out)
+        moved = await run_in_threadpool(self.jobs.hand_on_stranded)
+        if moved:
+            log.info("%d jobs moved from a busy or dead worker's own queue to the shared queue", moved)
         for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, time.time()):
             if await self.redis.zrem(keys.RUNNING, job_id):  # this hive claimed it
                 try:

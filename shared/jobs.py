@@ -13,6 +13,9 @@ from .spec import JobState
 #: The worker function RQ runs for an inference job, by dotted name: the hive
 #: enqueues it without importing the worker package (torch).
 RUN_INFERENCE = "worker.tasks.run_inference"
+RUN_PULL = "worker.tasks.run_pull"
+#: Job kinds (the record's KIND) and the worker function that runs each.
+TASKS = {"inference": RUN_INFERENCE, "pull": RUN_PULL}
 
 #: A job whose worker is lost before its first token runs once more, on another worker.
 MAX_ATTEMPTS = 2
@@ -32,10 +35,12 @@ TTFT_MS = "ttft_ms"
 DECODE_TIME_MS = "decode_time_ms"
 TOKENS_OUT = "tokens_out"
 STOP_REASON = "stop_reason"
+KIND = "kind"  # inference or pull
 OWNER = "owner"  # a digest of the API key that created the job, never the key
 ATTEMPT = "attempt"  # 1, then 2 when retried after a lost worker
 RQ_ID = "rq_id"  # the RQ job carrying the current attempt
-QUEUE = "queue"  # the RQ queue it waits on (a retry goes back to the same one)
+QUEUE = "queue"  # the cluster's queue (a retry goes back to it; depth limits count on it)
+RQ_QUEUE = "rq_queue"  # the RQ queue holding the current attempt: QUEUE, or a warm worker's own
 FIRST_TOKEN_AT = "first_token_at"
 OUTPUT = "output"
 PROMPT_TOKENS = "prompt_tokens"
@@ -59,6 +64,7 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
     spec = json.loads(record.get(SPEC) or "{}")
     view: dict = {
         "job_id": job_id,
+        "kind": record.get(KIND) or "inference",
         "state": state,
         "model": record.get(MODEL),
         "revision": record.get(REVISION) or None,

@@ -67,3 +67,39 @@ def job_channel(job_id: str) -> str:
 def relay_channel() -> str:
     """Pub/sub channel the hive's relay always holds, so its connection stays subscribed."""
     return f"{PREFIX}:relay"
+
+
+# Fleet: where workers are, what they hold, and how jobs find a warm one.
+
+#: Workers heartbeat this often; a worker silent for WORKER_DEAD_AFTER_S is dead.
+HEARTBEAT_S = 1.0
+WORKER_DEAD_AFTER_S = 3 * HEARTBEAT_S
+
+
+def workers(queue: str) -> str:
+    """Sorted set: the workers serving ``queue``, scored by their last heartbeat
+    (Unix seconds); the hive drops those silent for WORKER_DEAD_AFTER_S."""
+    return f"{PREFIX}:workers:{queue}"
+
+
+def worker(name: str) -> str:
+    """Hash: a worker's device, memory, models held, state and current job
+    (TTL: WORKER_DEAD_AFTER_S, renewed by each heartbeat)."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def worker_queue(queue: str, name: str) -> str:
+    """The RQ queue of one worker: the hive routes a job here when that worker is
+    idle and already holds the job's model. Workers listen to it before ``queue``."""
+    return f"{queue}:w:{name}"
+
+
+def idle_with(queue: str, model: str, revision: str | None) -> str:
+    """Sorted set: the idle workers of ``queue`` that hold ``model`` at ``revision``,
+    scored by when they became idle. The hive claims one with ZPOPMAX (atomic: no
+    two jobs are routed to one idle worker); a worker adds itself after each job."""
+    return f"{PREFIX}:idle:{queue}:{model}@{revision or 'main'}"
+
+
+#: Pub/sub channel carrying the ids of models to delete from the workers' caches.
+MODEL_DELETE_CHANNEL = f"{PREFIX}:models:delete"

@@ -47,6 +47,17 @@ class Settings:
     #: Worker: sleep this long after each token. Zero in production; tests and demos
     #: use it to make streaming visible on a model that generates in microseconds.
     token_delay_ms: float = 0.0
+    #: Worker: memory for loaded models, in bytes; 0: the device's free memory at
+    #: start-up minus MEMORY_HEADROOM. Least recently used models make room.
+    max_memory: int = 0
+    #: Worker: how long a model stays loaded after its last job (a request's
+    #: keep_alive overrides it); negative: until evicted.
+    keep_alive_s: float = 300.0
+    #: Hive: the hub that ``/hub`` mirrors (pulls through on a miss); "" serves no ``/hub``.
+    hub_upstream: str = "https://huggingface.co"
+    #: Hive: the Hugging Face cache folder ``/hub`` serves and fills; "": huggingface_hub's
+    #: default (HF_HUB_CACHE).
+    hub_cache: str = ""
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -54,6 +65,7 @@ class Settings:
     def __repr__(self) -> str:  # secrets print as ***
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["redis_url"] = redact_url(self.redis_url)
+        fields["hub_upstream"] = redact_url(self.hub_upstream)
         for name in ("api_keys", "admin_keys"):
             fields[name] = tuple("***" for _ in fields[name])
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"

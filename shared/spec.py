@@ -7,13 +7,41 @@ Validated with pydantic at the HTTP edge; travels to the worker as plain JSON
 from __future__ import annotations
 
 import enum
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A hub repo id: ``org/name``; no path tricks ("..", leading dots or dashes).
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$"
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"
+
+
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: The longest keep-alive a request may ask for; a negative one means "until evicted".
+MAX_KEEP_ALIVE_S = 7 * 24 * 3600.0
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from ``300``, ``"300"``, ``"30s"``, ``"5m"``, ``"1h"`` (as Ollama's
+    keep_alive); negative means forever, returned as -1."""
+    if isinstance(value, bool):
+        raise ValueError("expected seconds or a duration like '5m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif not isinstance(value, str):
+        raise ValueError("expected seconds or a duration like '5m'")
+    else:
+        match = _DURATION.match(value.strip())
+        if not match:
+            raise ValueError("expected seconds or a duration like '30s', '5m', '1h'")
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds < 0:
+        return -1.0
+    if seconds != seconds or seconds > MAX_KEEP_ALIVE_S:
+        raise ValueError(f"at most {MAX_KEEP_ALIVE_S:g} s (or negative: until evicted)")
+    return seconds
 
 
 class Message(BaseModel):
@@ -41,6 +69,19 @@ class InferenceRequest(BaseModel):
     #: Cancel the job when its last follower disconnects (default: keep running, the
     #: two-call pattern lets a client come back with Last-Event-ID).
     cancel_on_disconnect: bool = False
+    #: How long the worker keeps the model loaded after this job: seconds or a
+    #: duration ("5m"); 0 unloads it right after, negative keeps it until evicted.
+    #: None: the worker's --keep-alive.
+    keep_alive: float | None = Field(
+        default=None,
+        # What clients may send; the validator turns a duration string into seconds.
+        json_schema_extra={"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?(ms|s|m|h)?$"}, {"type": "null"}]},
+    )
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value):
+        return None if value is None else parse_duration(value)
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceRequest":
@@ -50,6 +91,21 @@ class InferenceRequest(BaseModel):
             raise ValueError("'..' is not allowed in model or revision")
         if any(not s or len(s) > 256 for s in self.stop):
             raise ValueError("each stop sequence must be 1 to 256 characters")
+        return self
+
+
+class PullRequest(BaseModel):
+    """``POST /v1/models/pull`` body: download a model ahead of its first job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: str = Field(pattern=MODEL_ID_PATTERN)
+    revision: str | None = Field(default=None, pattern=REVISION_PATTERN)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PullRequest":
+        if ".." in self.model or (self.revision and ".." in self.revision):
+            raise ValueError("'..' is not allowed in model or revision")
         return self
 
 

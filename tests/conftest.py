@@ -51,11 +51,11 @@ def model_root(tmp_path_factory) -> Path:
     decoder layers, so that loading it takes a while."""
     root = tmp_path_factory.mktemp("hub")
     tiny = build_model(root / "acme" / "tiny")
-    for name in ("tiny-warm", "tiny-slow", "tiny-cli", "tiny-order"):
+    for name in ("tiny-warm", "tiny-slow", "tiny-cli", "tiny-order", "fleet-a", "fleet-b", "budget-a", "budget-b", "pulled"):
         shutil.copytree(tiny, root / "acme" / name)
     big = build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
-    shutil.copytree(big, root / "acme" / "big-cancel")
-    shutil.copytree(big, root / "acme" / "big-retry")
+    for name in ("big-cancel", "big-retry", "big-shared", "big-takeover"):
+        shutil.copytree(big, root / "acme" / name)
     build_model(root / "acme" / "deep", hidden_size=32, intermediate_size=64, num_layers=200, num_heads=2, num_kv_heads=1, shards=1)
     return root
 

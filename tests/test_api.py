@@ -65,6 +65,10 @@ BAD_BODIES = [
     ("stop empty string", {**GOOD, "stop": [""]}, 422, "INVALID_REQUEST"),
     ("revision path trick", {**GOOD, "revision": "../main"}, 422, "INVALID_REQUEST"),
     ("null prompt and no messages", {"model": "acme/tiny", "prompt": None}, 422, "INVALID_REQUEST"),
+    ("keep_alive an object", {**GOOD, "keep_alive": {"m": 5}}, 422, "INVALID_REQUEST"),
+    ("keep_alive a list", {**GOOD, "keep_alive": ["5m"]}, 422, "INVALID_REQUEST"),
+    ("keep_alive not a duration", {**GOOD, "keep_alive": "5 minutes"}, 422, "INVALID_REQUEST"),
+    ("keep_alive beyond a week", {**GOOD, "keep_alive": "200h"}, 422, "INVALID_REQUEST"),
 ]
 
 

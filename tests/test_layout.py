@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 
 def test_hive_never_imports_torch():
     code = (
-        "import sys, hive.cli, hive.app, hive.api, hive.relay, hive.jobs, hive.client, hive.embedded, hive.hub_mirror; "
+        "import sys, hive.cli, hive.app, hive.api, hive.relay, hive.jobs, hive.client, hive.embedded, hive.hub_mirror, hive.hub_proxy; "
         "heavy = {'torch', 'transformers', 'accelerate'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

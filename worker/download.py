@@ -2,6 +2,7 @@
 
 Uses huggingface_hub itself (so HF_ENDPOINT, HF_HOME, HF_TOKEN and the shared hub
 cache behave as everywhere else) and hooks its ``tqdm_class`` to see every chunk.
+Workers sharing a hub cache download a model once: see ``download_lock``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from shared.events import Download
+
+from .download_lock import ModelDownloadLock, lock_dir, lock_name
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,13 @@ class RemoteFile:
 
 class _ByteSink:
     """Stands in for tqdm inside ``hf_hub_download``: huggingface_hub calls
-    ``update(n)`` with each chunk it writes, which is exactly the progress we report."""
+    ``update(n)`` with each chunk it writes, which is exactly the progress we report;
+    ``initial`` is what a resumed download already had on disk."""
 
-    def __init__(self, on_bytes: Callable[[int], None], **_tqdm_kwargs):
+    def __init__(self, on_bytes: Callable[[int], None], initial: int = 0, **_tqdm_kwargs):
         self._on_bytes = on_bytes
+        if initial:
+            on_bytes(initial)
 
     def update(self, n: int = 1) -> None:
         if n:
@@ -112,6 +118,11 @@ class DownloadProgress:
                 Download(self.file, self.bytes_downloaded, self.bytes_total, self.files_done, self.files_total)
             )
 
+    def add_present(self, files: list[RemoteFile]) -> None:
+        """Counts files already in the cache, before the download of the others starts."""
+        self.bytes_downloaded += sum(f.size for f in files)
+        self.files_done += len(files)
+
     def start_file(self, name: str) -> None:
         self.file = name
         self._send()
@@ -121,8 +132,7 @@ class DownloadProgress:
         self.bytes_downloaded += n
         self._send()
 
-    def finish_file(self, already_present: int = 0) -> None:
-        self.bytes_downloaded += already_present
+    def finish_file(self) -> None:
         self.files_done += 1
         self._send(force=self.files_done == self.files_total)
 
@@ -139,7 +149,7 @@ def fetch_model(
     A model that is already complete in the cache emits a single ``cached`` event.
     ``check`` runs between chunks and files; what it raises stops the download.
     """
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -167,25 +177,55 @@ def fetch_model(
         raise ModelNotSupported(f"{repo_id} has no safetensors weights")
     # Small files first: the config and tokenizer land before the shards.
     files.sort(key=lambda f: (f.name.endswith(".safetensors"), f.name))
-    cached = {f.name: try_to_load_from_cache(repo_id, f.name, revision=info.sha) for f in files}
-    if all(isinstance(path, str) for path in cached.values()):
-        size = sum(f.size for f in files)
+    size = sum(f.size for f in files)
+    cached = _in_cache(repo_id, info.sha, files)
+    if all(cached.values()):
         emit(Download(None, size, size, len(files), len(files), cached=True))
         return Path(next(iter(cached.values()))).parent
 
+    with ModelDownloadLock(lock_dir(constants.HF_HUB_CACHE), lock_name(repo_id, info.sha), emit, check) as lock:
+        # Another worker may have downloaded some or all of it while this one waited.
+        cached = _in_cache(repo_id, info.sha, files)
+        if all(cached.values()):
+            followed = lock.followed
+            if followed is None:  # nothing to relay: it was complete by the time we looked
+                emit(Download(None, size, size, len(files), len(files), cached=True))
+            elif (followed.bytes_downloaded, followed.files_done) != (size, len(files)):
+                emit(Download(followed.file, size, size, len(files), len(files)))  # end at full size
+            return Path(next(iter(cached.values()))).parent
+        return _download_missing(repo_id, info.sha, files, cached, lock.publish, check)
+
+
+def _in_cache(repo_id: str, commit: str, files: list[RemoteFile]) -> dict[str, str | None]:
+    """Each file's path in the hub cache, or None where it is missing."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = {f.name: try_to_load_from_cache(repo_id, f.name, revision=commit) for f in files}
+    return {name: path if isinstance(path, str) else None for name, path in found.items()}
+
+
+def _download_missing(
+    repo_id: str,
+    commit: str,
+    files: list[RemoteFile],
+    cached: dict[str, str | None],
+    emit: Callable[[Download], None],
+    check: Callable[[], None],
+) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+
     constants.DOWNLOAD_CHUNK_SIZE = HUB_CHUNK_BYTES
     progress = DownloadProgress(files, emit, check=check)
+    progress.add_present([f for f in files if cached[f.name]])
     folder: Path | None = None
     for f in files:
+        if cached[f.name]:
+            continue
         check()
         progress.start_file(f.name)
-        if isinstance(cached[f.name], str):
-            folder = Path(cached[f.name]).parent
-            progress.finish_file(already_present=f.size)
-            continue
         sink = functools.partial(_ByteSink, progress.add_bytes)
         try:
-            path = hf_hub_download(repo_id, f.name, revision=info.sha, tqdm_class=sink)  # type: ignore[arg-type]
+            path = hf_hub_download(repo_id, f.name, revision=commit, tqdm_class=sink)  # type: ignore[arg-type]
         except Exception as e:
             check()  # a cancel stops the download with the cancel, not as a failure
             raise DownloadFailed(f"{repo_id}/{f.name}: {e}") from e

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from shared.connections import sync_client
 from shared.settings import Settings
 
@@ -25,7 +27,16 @@ def run_worker(settings: Settings) -> None:
     connection = sync_client(settings.redis_url)
     runtime = WorkerRuntime(settings, connection)  # imports torch now, not on the first job
     tasks.install_runtime(runtime)
-    queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
-    rq_worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer, name=runtime.name)
-    log.info("worker %s ready on %s: %r", runtime.name, runtime.device, settings)
-    rq_worker.work(with_scheduler=False, logging_level="WARNING")
+    # Its own queue first: the hive routes a job there when this worker is idle and
+    # already holds the job's model; then the cluster's queue, shared by all.
+    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
+    rq_worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=runtime.name)
+    runtime.presence.start()
+    log.info("worker %s ready on %s, budget %.0f MiB: %r", runtime.name, runtime.device, runtime.models.budget_bytes / 2**20, settings)
+    try:
+        rq_worker.work(with_scheduler=False, logging_level="WARNING")
+    finally:
+        try:
+            runtime.presence.leave()
+        except redis.RedisError as e:  # it drops off the lists by itself within three heartbeats
+            log.warning("could not leave the worker lists: %s", e)

@@ -1,18 +1,37 @@
-"""The models a worker holds in memory between jobs, keyed by (repo id, revision)."""
+"""The models a worker holds in memory between jobs, keyed by (repo id, revision),
+within a memory budget: the least recently used idle model makes room for a new
+one, and an idle model unloads when its keep-alive runs out."""
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import math
+import os
+import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .loader import LayerProgress, load_model
+from .loader import LayerProgress, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+#: Left free when the budget is the device's free memory: activations, the KV
+#: cache, CUDA's own context, the Python process.
+MEMORY_HEADROOM = 1 << 30
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class ModelTooLarge(Exception):
+    code = "MODEL_TOO_LARGE"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,6 +44,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the device: CUDA's own figures, or the machine's RAM."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    page = os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def default_budget(device: torch.device) -> int:
+    free, _ = device_memory(device)
+    return max(free - MEMORY_HEADROOM, 0)
+
+
+def weights_bytes(model_dir: Path, device: torch.device, dtype_name: str) -> int:
+    """What the model's weights will take on ``device``, from the safetensors
+    headers alone (8-byte length, then JSON: no tensor is read): floating-point
+    tensors at the dtype the loader will use, the others as stored."""
+    from transformers import AutoConfig
+
+    itemsize = resolve_dtype(dtype_name, device, AutoConfig.from_pretrained(model_dir)).itemsize
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(entry["shape"])
+            stored = entry["dtype"]
+            total += numel * (itemsize if stored in _FLOAT_DTYPES else _SAFETENSORS_ITEMSIZE.get(stored, 1))
+    return total
+
+
 @dataclass
 class LoadedModel:
     repo_id: str
@@ -32,33 +86,106 @@ class LoadedModel:
     model: object
     tokenizer: object
     load_ms: float
-    last_used: float = field(default_factory=time.monotonic)
+    size_bytes: int
+    last_used: float = field(default_factory=time.time)
+    #: A job is using it: never evicted or expired meanwhile.
+    in_use: bool = False
+    #: Unload after this time (time.monotonic()); inf: until evicted.
+    expires_at: float = math.inf
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.repo_id, self.revision
 
 
 class ModelCache:
-    """Loaded models stay until the worker exits (eviction comes with memory budgets)."""
+    """Thread-safe: jobs run on the worker's main thread, expiry on its heartbeat thread."""
 
-    def __init__(self, device: torch.device, dtype_name: str = "auto"):
+    def __init__(self, device: torch.device, dtype_name: str = "auto", budget_bytes: int = 0, keep_alive_s: float = 300.0):
         self.device = device
         self.dtype_name = dtype_name
+        self.budget_bytes = budget_bytes or default_budget(device)
+        self.keep_alive_s = keep_alive_s
         self._models: dict[tuple[str, str | None], LoadedModel] = {}
+        self._lock = threading.RLock()
+        #: Called with (repo id, revision) after a model is unloaded.
+        self.on_unload: Callable[[str, str | None], None] = lambda repo_id, revision: None
 
-    def get(self, repo_id: str, revision: str | None) -> LoadedModel | None:
-        loaded = self._models.get((repo_id, revision))
-        if loaded is not None:
-            loaded.last_used = time.monotonic()
-        return loaded
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(m.size_bytes for m in self._models.values())
+
+    def held(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def take(self, repo_id: str, revision: str | None) -> LoadedModel | None:
+        """The loaded model, marked in use (until ``release``), or None."""
+        with self._lock:
+            loaded = self._models.get((repo_id, revision))
+            if loaded is not None:
+                loaded.in_use = True
+                loaded.last_used = time.time()
+            return loaded
+
+    def release(self, loaded: LoadedModel, keep_alive_s: float | None) -> None:
+        """The job is done with it; it stays for ``keep_alive_s`` (None: the worker's default)."""
+        keep = self.keep_alive_s if keep_alive_s is None else keep_alive_s
+        with self._lock:
+            loaded.in_use = False
+            loaded.last_used = time.time()
+            loaded.expires_at = math.inf if keep < 0 else time.monotonic() + keep
+            if keep == 0:
+                self._unload(loaded, "keep_alive 0")
+
+    def check_fits(self, repo_id: str, needed_bytes: int) -> None:
+        if needed_bytes > self.budget_bytes:
+            raise ModelTooLarge(
+                f"{repo_id} needs {needed_bytes / 2**20:.0f} MiB on {self.device}; "
+                f"this worker's budget is {self.budget_bytes / 2**20:.0f} MiB (--max-memory)"
+            )
+
+    def make_room(self, repo_id: str, needed_bytes: int) -> None:
+        """Unloads least recently used idle models until ``needed_bytes`` fit."""
+        self.check_fits(repo_id, needed_bytes)
+        with self._lock:
+            for victim in sorted((m for m in self._models.values() if not m.in_use), key=lambda m: m.last_used):
+                if self.used_bytes + needed_bytes <= self.budget_bytes:
+                    break
+                self._unload(victim, f"making room for {repo_id}")
+            if self.used_bytes + needed_bytes > self.budget_bytes:
+                raise ModelTooLarge(f"{repo_id} does not fit next to the models in use on {self.device}")
+
+    def unload_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for loaded in [m for m in self._models.values() if not m.in_use and m.expires_at <= now]:
+                self._unload(loaded, "keep-alive expired")
+
+    def _unload(self, loaded: LoadedModel, why: str) -> None:
+        del self._models[loaded.key]
+        loaded.model = loaded.tokenizer = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("unloaded %s@%s (%s)", loaded.repo_id, loaded.revision or "main", why)
+        self.on_unload(loaded.repo_id, loaded.revision)
 
     def load(
         self, repo_id: str, revision: str | None, folder: Path, on_layer: Callable[[LayerProgress], None]
     ) -> LoadedModel:
+        """Loads the model (in use, as ``take`` returns it) after making room for it."""
         from transformers import AutoTokenizer
 
+        self.make_room(repo_id, weights_bytes(folder, self.device, self.dtype_name))
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = load_model(folder, self.device, self.dtype_name, on_layer)
         load_ms = round((time.perf_counter() - start) * 1000, 1)
-        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms)
-        self._models[(repo_id, revision)] = loaded
-        log.info("loaded %s@%s on %s in %.0f ms", repo_id, revision or "main", self.device, load_ms)
+        size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, in_use=True)
+        with self._lock:
+            self._models[loaded.key] = loaded
+        log.info("loaded %s@%s on %s in %.0f ms (%.1f MiB)", repo_id, revision or "main", self.device, load_ms, size / 2**20)
         return loaded

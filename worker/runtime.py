@@ -18,13 +18,14 @@ from rq.timeouts import JobTimeoutException
 from shared import jobs, keys
 from shared.events import End, Error, Loading, Ready, Started, Token
 from shared.settings import Settings
-from shared.spec import InferenceRequest, JobState
+from shared.spec import InferenceRequest, JobState, PullRequest
 
 from .cancel import CancelWatcher, JobCancelled
 from .lease import JobLease
 from .download import fetch_model
 from .generate import SamplingParams, generate_tokens
 from .models import LoadedModel, ModelCache, resolve_device
+from .presence import Presence
 from .reporter import JobReporter
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,17 @@ class WorkerRuntime:
         self.redis = connection
         self.device = resolve_device(settings.device)
         self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
-        self.models = ModelCache(self.device, settings.dtype)
+        self.models = ModelCache(self.device, settings.dtype, settings.max_memory, settings.keep_alive_s)
         self.cancels = CancelWatcher(connection)
         self.lease = JobLease(connection, settings.job_ttl_s)
+        self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s)
 
-    def run_job(self, job_id: str, spec: dict) -> None:
+    def run_job(self, job_id: str, spec: dict, pull: bool = False) -> None:
+        """Runs an inference job, or with ``pull`` a pull job (download only)."""
         self.cancels.begin(job_id)
         self.lease.hold(job_id)
         try:
+            self.presence.busy(job_id)
             queue, model = self.settings.queue, str(spec.get("model", ""))
             reporter = JobReporter(
                 self.redis,
@@ -96,7 +100,10 @@ class WorkerRuntime:
                 self.cancels.cancel_current()
             try:
                 self._check()
-                self._run(job_id, InferenceRequest.model_validate(spec), reporter)
+                if pull:
+                    self._pull(PullRequest.model_validate(spec), reporter)
+                else:
+                    self._run(job_id, InferenceRequest.model_validate(spec), reporter)
             except JobAbandoned:
                 log.warning("job %s: abandoned, its lease was taken over", job_id)
             except REDIS_DOWN:
@@ -116,6 +123,10 @@ class WorkerRuntime:
         finally:
             self.lease.release()
             self.cancels.end()
+            try:
+                self.presence.idle()
+            except REDIS_DOWN as e:  # the next heartbeat says idle; warm routing resumes after the next job
+                log.warning("could not list this worker as idle: %s", e)
 
     def _check(self) -> None:
         """Between tokens, chunks and layers: stop if the job was taken over or cancelled."""
@@ -151,13 +162,16 @@ class WorkerRuntime:
         )
 
     def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
-        loaded = self.models.get(request.model, request.revision)
+        """The model, loaded and marked in use (the caller releases it)."""
+        loaded = self.models.take(request.model, request.revision)
         if loaded is not None:
             return loaded, True, 0.0
         reporter.update(JobState.downloading)
+        self.presence.phase("downloading")
         folder = fetch_model(request.model, request.revision, reporter.emit, self._check)
         self._check()
         reporter.update(JobState.loading)
+        self.presence.phase("loading")
 
         def on_layer(p):
             reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
@@ -166,8 +180,23 @@ class WorkerRuntime:
         loaded = self.models.load(request.model, request.revision, folder, on_layer)
         return loaded, False, loaded.load_ms
 
+    def _pull(self, request: PullRequest, reporter: JobReporter) -> None:
+        reporter.update(JobState.downloading)
+        self.presence.phase("downloading")
+        fetch_model(request.model, request.revision, reporter.emit, self._check)
+        reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{jobs.TOKENS_OUT: 0, jobs.STOP_REASON: "pulled"})
+
     def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
         loaded, warm, load_ms = self._model(request, reporter)
+        try:
+            self.presence.phase("busy")
+            self._generate(job_id, request, reporter, loaded, warm, load_ms)
+        finally:
+            self.models.release(loaded, request.keep_alive)
+
+    def _generate(
+        self, job_id: str, request: InferenceRequest, reporter: JobReporter, loaded: LoadedModel, warm: bool, load_ms: float
+    ) -> None:
         self._check()
         reporter.emit(Ready(load_ms, warm))
         prompt_ids = encode_prompt(loaded.tokenizer, request)

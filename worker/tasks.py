@@ -11,7 +11,16 @@ def install_runtime(runtime) -> None:
     _runtime = runtime
 
 
-def run_inference(job_id: str, spec: dict) -> None:
+def _installed():
     if _runtime is None:
-        raise RuntimeError("run_inference runs inside `hive worker`, which installs the runtime first")
-    _runtime.run_job(job_id, spec)
+        raise RuntimeError("worker tasks run inside `hive worker`, which installs the runtime first")
+    return _runtime
+
+
+def run_inference(job_id: str, spec: dict) -> None:
+    _installed().run_job(job_id, spec)
+
+
+def run_pull(job_id: str, spec: dict) -> None:
+    """Downloads the model into this worker's hub cache (POST /v1/models/pull)."""
+    _installed().run_job(job_id, spec, pull=True)

@@ -1,0 +1,194 @@
+"""A worker's presence in the fleet: what it is, holds and does, for the hive's
+routing and for ``GET /v1/workers``.
+
+Every HEARTBEAT_S a thread rewrites the worker's hash (device, memory, models held,
+state, current job; it expires after WORKER_DEAD_AFTER_S, so a dead worker drops
+off by itself), scores the worker in its queue's worker set, and unloads models
+whose keep-alive ran out. Between jobs the worker is listed in the idle set of
+each model it holds: the hive claims it from there for a job on that model and
+routes the job to the worker's own queue (warm routing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+
+import redis
+
+from shared import keys
+
+from .models import ModelCache, device_memory
+
+log = logging.getLogger(__name__)
+
+
+def cached_models() -> list[dict]:
+    """The models in this machine's hub cache (HF_HOME), by the refs they were fetched at."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    return [
+        {"model": repo.repo_id, "revision": ref, "size_bytes": revision.size_on_disk}
+        for repo in info.repos
+        if repo.repo_type == "model"
+        for revision in repo.revisions
+        for ref in sorted(revision.refs) or [revision.commit_hash]
+    ]
+
+
+class Presence:
+    def __init__(self, connection: redis.Redis, name: str, queue: str, models: ModelCache, ttl_s: int):
+        self.redis = connection
+        self.name = name
+        self.queue = queue
+        self.models = models
+        self.ttl_s = ttl_s
+        self.started_at = time.time()
+        self._state = "idle"
+        self._job_id = ""
+        self._cached = json.dumps(cached_models())
+        self._lock = threading.Lock()
+        models.on_unload = self._unloaded
+        self._thread = threading.Thread(target=self._beat_forever, name="hive-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(**{keys.MODEL_DELETE_CHANNEL: self._on_delete})
+        pubsub.run_in_thread(sleep_time=1.0, daemon=True, exception_handler=self._on_listener_error)
+
+    @staticmethod
+    def _on_listener_error(error: BaseException, pubsub, thread) -> None:
+        # Listener loop boundary: keep listening once Redis is back.
+        log.warning("model-delete listener: %s; reconnecting", error)
+        threading.Event().wait(1.0)
+
+    def _on_delete(self, message: dict) -> None:
+        """``DELETE /v1/models/<id>``: delete it from this machine's hub cache,
+        unless a job uses it (the hive refused if it is loaded: this is the race)."""
+        data = message["data"]
+        repo_id = data.decode() if isinstance(data, bytes) else data
+        if any(m.repo_id == repo_id for m in self.models.held()):
+            log.warning("not deleting %s from the hub cache: it is loaded", repo_id)
+            return
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            info = scan_cache_dir()
+        except CacheNotFound:
+            return
+        for repo in info.repos:
+            if repo.repo_id == repo_id and repo.repo_type == "model":
+                # The whole repo folder: delete_revisions() goes by commit hash, which
+                # two mirrored copies of one model share, and would hit both.
+                shutil.rmtree(repo.repo_path)
+                log.info("deleted %s from the hub cache (%.1f MiB)", repo_id, repo.size_on_disk / 2**20)
+        with self._lock:
+            self._cached = json.dumps(cached_models())
+        self.beat()
+
+    @property
+    def own_queue(self) -> str:
+        return keys.worker_queue(self.queue, self.name)
+
+    def busy(self, job_id: str) -> None:
+        """Took a job: no longer idle for any model (a claim that raced with this
+        leaves a job on the own queue, which the hive's reaper hands on)."""
+        with self._lock:
+            self._state, self._job_id = "busy", job_id
+        with self.redis.pipeline(transaction=False) as pipe:
+            for m in self.models.held():
+                pipe.zrem(keys.idle_with(self.queue, m.repo_id, m.revision), self.name)
+            self._write(pipe)
+            pipe.execute()
+
+    def phase(self, state: str) -> None:
+        """downloading, loading or busy: what /v1/workers shows during the job."""
+        with self._lock:
+            self._state = state
+        self.beat()
+
+    def idle(self) -> None:
+        """The job is over: claimable for every model held."""
+        cached = json.dumps(cached_models())  # the job may have downloaded one
+        with self._lock:
+            self._state, self._job_id, self._cached = "idle", "", cached
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for m in self.models.held():
+                key = keys.idle_with(self.queue, m.repo_id, m.revision)
+                pipe.zadd(key, {self.name: now})
+                pipe.expire(key, self.ttl_s)
+            self._write(pipe)
+            pipe.execute()
+
+    def _unloaded(self, repo_id: str, revision: str | None) -> None:
+        try:
+            self.redis.zrem(keys.idle_with(self.queue, repo_id, revision), self.name)
+        except redis.RedisError as e:  # the claim checks liveness, the next job re-lists
+            log.warning("could not leave the idle set of %s: %s", repo_id, e)
+
+    def beat(self) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._write(pipe)
+            pipe.execute()
+
+    def _write(self, pipe) -> None:
+        with self._lock:
+            state, job_id, cached = self._state, self._job_id, self._cached
+        free, total = device_memory(self.models.device)
+        held = self.models.held()
+        now = time.time()
+        pipe.hset(
+            keys.worker(self.name),
+            mapping={
+                "id": self.name,
+                "host": socket.gethostname(),
+                "queue": self.queue,
+                "device": str(self.models.device),
+                "state": state,
+                "current_job": job_id,
+                "memory_total": total,
+                "memory_free": free,
+                "memory_budget": self.models.budget_bytes,
+                "memory_used": sum(m.size_bytes for m in held),
+                "models": json.dumps(
+                    [{"model": m.repo_id, "revision": m.revision, "size_bytes": m.size_bytes, "last_used": m.last_used, "in_use": m.in_use} for m in held]
+                ),
+                "cached": cached,
+                "started_at": self.started_at,
+                "last_heartbeat": now,
+            },
+        )
+        pipe.expire(keys.worker(self.name), int(keys.WORKER_DEAD_AFTER_S) + 1)
+        pipe.zadd(keys.workers(self.queue), {self.name: now})
+        pipe.expire(keys.workers(self.queue), self.ttl_s)
+
+    def leave(self) -> None:
+        """A clean exit: off the lists at once rather than after three heartbeats."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for m in self.models.held():
+                pipe.zrem(keys.idle_with(self.queue, m.repo_id, m.revision), self.name)
+            pipe.zrem(keys.workers(self.queue), self.name)
+            pipe.delete(keys.worker(self.name))
+            pipe.execute()
+
+    def _beat_forever(self) -> None:
+        while True:
+            time.sleep(keys.HEARTBEAT_S)
+            try:
+                self.models.unload_expired()
+                self.beat()
+            except Exception as e:  # heartbeat loop boundary: Redis may be back next second
+                log.warning("heartbeat failed: %s", e)
