@@ -23,7 +23,7 @@ RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="HIVE_REDIS_URL", h
 Host = Annotated[str, typer.Option(envvar="HIVE_HOST", help="Interface to bind.")]
 Port = Annotated[int, typer.Option(envvar="HIVE_PORT", min=1, max=65535, help="Port to bind.")]
 Queue = Annotated[str, typer.Option(envvar="HIVE_QUEUE", help="RQ queue for inference jobs.")]
-Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option(envvar="HIVE_DEVICE", help="auto, cpu, cuda or cuda:N; a worker given cuda:0,cuda:1 spreads each model over both.")]
 LogLevel = Annotated[str, typer.Option(envvar="HIVE_LOG_LEVEL", help="debug, info, warning or error.")]
 MaxMemory = Annotated[
     str,
@@ -221,15 +221,16 @@ def up(
     seed: Seed = None,
     hf_endpoint: Annotated[Optional[str], typer.Option(help="Hub for the worker (default: the hive's built-in /hub with the demo model).")] = None,
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token.")] = 0.0,
+    workers: Annotated[int, typer.Option(envvar="HIVE_WORKERS", min=1, max=64, help="Worker processes; with --device cuda, one per GPU (cuda:0 …).")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the hive's and worker's logs.")] = False,
 ) -> None:
-    """Redis, the hive and one worker on this machine, in the foreground. No GPU, Redis or network needed."""
+    """Redis, the hive and its workers on this machine, in the foreground. No GPU, Redis or network needed."""
     from .embedded import run_up
 
     _logging("info" if verbose else "warning")
     settings = Settings(host=host, port=port, device=device, token_delay_ms=token_delay_ms)
     body = _prompt_body(prompt, model, max_tokens, temperature, seed, []) if prompt is not None else None
-    raise typer.Exit(run_up(settings, hf_endpoint, body, verbose))
+    raise typer.Exit(run_up(settings, hf_endpoint, body, verbose, workers))
 
 
 def main() -> None:

@@ -134,9 +134,18 @@ def embedded_redis(console: Console) -> Iterator[str]:
         yield url
 
 
-def start_worker(settings: Settings, hf_endpoint: str, verbose: bool) -> subprocess.Popen:
+def worker_devices(device: str, count: int) -> list[str]:
+    """One device per worker: ``cuda`` with N workers means cuda:0 … cuda:N-1 (the
+    hive does not import torch to count GPUs; the workers check the devices exist).
+    Any other device is shared by all of them (several CPU workers, say)."""
+    if device == "cuda" and count > 1:
+        return [f"cuda:{i}" for i in range(count)]
+    return [device] * count
+
+
+def start_worker(settings: Settings, device: str, hf_endpoint: str, verbose: bool) -> subprocess.Popen:
     env = {**os.environ, "HF_ENDPOINT": hf_endpoint, "HIVE_REDIS_URL": settings.redis_url}
-    command = [sys.executable, "-m", "hive", "worker", "--device", settings.device, "--queue", settings.queue]
+    command = [sys.executable, "-m", "hive", "worker", "--device", device, "--queue", settings.queue]
     if settings.token_delay_ms:
         command += ["--token-delay-ms", str(settings.token_delay_ms)]
     if not verbose:
@@ -154,22 +163,23 @@ def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
             process.wait()
 
 
-def wait_until_ready(url: str, worker: subprocess.Popen, console: Console) -> None:
-    """Until /health reports a worker (the worker imports torch first: seconds)."""
+def wait_until_ready(url: str, workers: list[subprocess.Popen], console: Console) -> None:
+    """Until /health reports every worker (a worker imports torch first: seconds)."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    with console.status("starting the worker…"), httpx.Client(base_url=url, timeout=2.0) as client:
+    with console.status("starting the workers…"), httpx.Client(base_url=url, timeout=2.0) as client:
         while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise StartupError(f"the worker exited with code {worker.returncode} while starting")
+            for worker in workers:
+                if worker.poll() is not None:
+                    raise StartupError(f"a worker exited with code {worker.returncode} while starting")
             with contextlib.suppress(httpx.TransportError):
                 health = client.get("/health").json()
-                if health.get("workers", 0) >= 1:
+                if health.get("workers", 0) >= len(workers):
                     return
             time.sleep(0.1)
     raise StartupError(f"no worker registered within {START_TIMEOUT_S:.0f} s")
 
 
-def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None, verbose: bool) -> int:
+def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None, verbose: bool, workers: int = 1) -> int:
     """Runs until Ctrl-C, or, with ``prompt_body``, until that prompt is answered."""
     import uvicorn
 
@@ -189,8 +199,9 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
         except StartupError as e:
             console.print(f"[red]{e}[/]")
             return 1
-        worker = start_worker(settings, hf_endpoint or f"{url}/hub", verbose)
-        stack.callback(stop_process, worker)
+        procs = [start_worker(settings, device, hf_endpoint or f"{url}/hub", verbose) for device in worker_devices(settings.device, workers)]
+        for proc in procs:
+            stack.callback(stop_process, proc)
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings, hub_root=DEMO_MODELS),
@@ -203,9 +214,9 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
 
         def drive() -> None:
             try:
-                wait_until_ready(url, worker, console)
+                wait_until_ready(url, procs, console)
                 if prompt_body is None:
-                    console.print(f"[green]hive up[/] on {url} · one worker · Ctrl-C stops")
+                    console.print(f"[green]hive up[/] on {url} · {workers} worker{'s' * (workers > 1)} · Ctrl-C stops")
                     console.print(f'[dim]try: hive run --url {url} "Hello"[/]')
                     return
                 outcome["code"] = run_prompt(url, prompt_body, console)

@@ -48,12 +48,34 @@ class QueueFull(Exception):
     retry_after_s = 5
 
 
+#: Queue positions are kept up to date for this many waiting jobs (those further
+#: back hear of theirs once they move up): every pickup shifts them all.
+POSITION_UPDATES = 100
+
+# Appends a `queued` event with the job's new position, atomically with the check
+# that the job still waits: a worker that takes it reads the log's last id and
+# leaves the waiting set in one MULTI (worker/reporter.py), so the two never write
+# the same id. The live message repeats shared.events.live_message's format.
+_UPDATE_POSITION = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then return 0 end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local seq = 1
+if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
+redis.call('XADD', KEYS[3], seq .. '-0', 'e', 'queued', 'd', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+redis.call('PUBLISH', KEYS[4], seq .. '\\n' .. 'queued' .. '\\n' .. ARGV[4])
+return 1
+"""
+
+
 class JobService:
     def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis):
         self.settings = settings
         self.redis = connection
         # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
+        self._update_position = sync_connection.register_script(_UPDATE_POSITION)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
         """Returns (job id, queue position). A PullRequest downloads the model only."""
@@ -95,6 +117,7 @@ class JobService:
                     jobs.QUEUE: self.queue.name,
                     jobs.RQ_QUEUE: rq_queue.name,
                     jobs.KIND: kind,
+                    jobs.POSITION: str(position),
                     jobs.OWNER: owner,
                 },
             )
@@ -292,3 +315,16 @@ class JobService:
             if dead:
                 connection.srem(Queue.redis_queues_keys, queue_key)
         return moved
+
+    def update_positions(self) -> int:
+        """Tells the first POSITION_UPDATES waiting jobs their position when it
+        changed (a ``queued`` event). Returns how many were told."""
+        told = 0
+        waiting = self.queue.connection.zrange(keys.queued(self.queue.name), 0, POSITION_UPDATES - 1)
+        for position, raw_id in enumerate(waiting, start=1):
+            job_id = raw_id.decode()
+            told += self._update_position(
+                keys=[keys.queued(self.queue.name), keys.job(job_id), keys.job_events(job_id), keys.job_channel(job_id)],
+                args=[job_id, str(position), jobs.POSITION, Queued(position).to_json()],
+            )
+        return told

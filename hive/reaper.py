@@ -43,6 +43,7 @@ class Reaper:
         timed_out = await run_in_threadpool(self.jobs.expire_waiting)
         if timed_out:
             log.warning("%d jobs waited past the queue-wait limit: ended with TIMEOUT", timed_out)
+        await run_in_threadpool(self.jobs.update_positions)
         moved = await run_in_threadpool(self.jobs.hand_on_stranded)
         if moved:
             log.info("%d jobs moved from a busy or dead worker's own queue to the shared queue", moved)

@@ -203,3 +203,20 @@ def test_a_flood_of_connections_that_never_read_does_not_starve_others(idle_hive
         for sock in silent + streaming:
             sock.close()
     processes.wait_until(lambda: processes.health(url)["followers"] == 0, 20, "streams released")
+
+
+def test_a_waiting_job_hears_its_position_move_up(idle_hive):
+    url, _ = idle_hive
+    jobs = [httpx.post(f"{url}/v1/inference", json=GOOD).json() for _ in range(3)]
+    last = jobs[-1]
+    try:
+        position = last["position"]
+        # The reaper tells it within a second or two of each change.
+        assert httpx.delete(f"{url}/v1/inference/{jobs[0]['job_id']}").status_code == 200
+        received = follow(url, last["sse_url"], limit=2, timeout=10)
+        assert [(r.id, r.event, r.json()["position"]) for r in received] == [("1", "queued", position), ("2", "queued", position - 1)]
+        assert httpx.delete(f"{url}/v1/inference/{jobs[1]['job_id']}").status_code == 200
+        received = follow(url, last["sse_url"], last_event_id="2", limit=1, timeout=10)
+        assert [(r.id, r.event, r.json()["position"]) for r in received] == [("3", "queued", position - 2)]
+    finally:
+        httpx.delete(f"{url}/v1/inference/{last['job_id']}")

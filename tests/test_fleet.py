@@ -143,7 +143,7 @@ def test_a_model_too_large_for_the_worker_fails_fast(small):
     received = follow(url, submit(url, model="acme/big", prompt=PROMPT, max_tokens=2)["sse_url"])
     error = events(received)[-1]
     assert error.event == "error" and error.json()["code"] == "MODEL_TOO_LARGE" and "MiB" in error.json()["message"]
-    assert "loading" not in kinds(received)
+    assert "download" not in kinds(received) and "loading" not in kinds(received)  # nothing downloaded
 
 
 def test_keep_alive_unloads_idle_models(small):

@@ -142,12 +142,18 @@ def _wanted(name: str) -> bool:
 
 
 def fetch_model(
-    repo_id: str, revision: str | None, emit: Callable[[Download], None], check: Callable[[], None] = lambda: None
+    repo_id: str,
+    revision: str | None,
+    emit: Callable[[Download], None],
+    check: Callable[[], None] = lambda: None,
+    check_weights: Callable[[int], None] = lambda n: None,
 ) -> Path:
     """Downloads what is missing from the hub cache and returns the snapshot folder.
 
     A model that is already complete in the cache emits a single ``cached`` event.
     ``check`` runs between chunks and files; what it raises stops the download.
+    ``check_weights`` gets the hub's byte count of the safetensors weights before
+    anything is downloaded (what it raises, a model too large, stops it there).
     """
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
@@ -175,6 +181,7 @@ def fetch_model(
     files = [RemoteFile(s.rfilename, s.size or 0) for s in info.siblings or [] if _wanted(s.rfilename)]
     if not any(f.name.endswith(".safetensors") for f in files):
         raise ModelNotSupported(f"{repo_id} has no safetensors weights")
+    check_weights(sum(f.size for f in files if f.name.endswith(".safetensors")))
     # Small files first: the config and tokenizer land before the shards.
     files.sort(key=lambda f: (f.name.endswith(".safetensors"), f.name))
     size = sum(f.size for f in files)

@@ -176,18 +176,24 @@ def load_model(
     device: torch.device,
     dtype_name: str = "auto",
     on_layer: Callable[[LayerProgress], None] | None = None,
+    spread: dict[int, int] | None = None,
 ):
     """Layer by layer when the checkpoint allows; otherwise transformers'
-    ``from_pretrained`` onto the device, reported as one step once it is done."""
-    try:
-        return load_layer_by_layer(model_dir, device, dtype_name, on_layer)
-    except NeedsConversion as e:
-        log.warning("%s: %s; loading with from_pretrained (no per-layer progress)", model_dir.name, e)
+    ``from_pretrained`` onto the device, reported as one step once it is done.
+
+    ``spread`` (CUDA index → bytes): the model is larger than one device; accelerate's
+    device map places its layers over those devices (reported as one step too)."""
+    if spread is None:
+        try:
+            return load_layer_by_layer(model_dir, device, dtype_name, on_layer)
+        except NeedsConversion as e:
+            log.warning("%s: %s; loading with from_pretrained (no per-layer progress)", model_dir.name, e)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype_name, device, config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device)).eval()
+    device_map = "auto" if spread else str(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, max_memory=spread).eval()
     if on_layer is not None:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         placed = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -44,6 +44,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_devices(spec: str) -> list[torch.device]:
+    """``cuda:0,cuda:1``: one worker spanning several GPUs (see ModelCache)."""
+    devices = [resolve_device(name.strip()) for name in spec.split(",") if name.strip()]
+    if len(devices) > 1 and any(d.type != "cuda" for d in devices):
+        raise SystemExit(f"only CUDA devices can be spanned, not {spec}")
+    return devices
+
+
 def device_memory(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of the device: CUDA's own figures, or the machine's RAM."""
     if device.type == "cuda":
@@ -99,12 +107,22 @@ class LoadedModel:
 
 
 class ModelCache:
-    """Thread-safe: jobs run on the worker's main thread, expiry on its heartbeat thread."""
+    """Thread-safe: jobs run on the worker's main thread, expiry on its heartbeat thread.
 
-    def __init__(self, device: torch.device, dtype_name: str = "auto", budget_bytes: int = 0, keep_alive_s: float = 300.0):
-        self.device = device
+    One device (the usual set-up: one worker per GPU): models load layer by layer
+    onto it. Several devices (``--device cuda:0,cuda:1``, chosen by the operator for
+    models larger than one GPU): every model is spread over them by accelerate's
+    device map (``from_pretrained(device_map="auto", max_memory=...)``), within each
+    device's budget; the budget is their sum.
+    """
+
+    def __init__(self, devices: list[torch.device], dtype_name: str = "auto", budget_bytes: int = 0, keep_alive_s: float = 300.0):
+        """``budget_bytes``: per device; 0: each device's free memory minus headroom."""
+        self.devices = devices
+        self.device = devices[0]  # where inputs go; a spread model's embeddings land here
         self.dtype_name = dtype_name
-        self.budget_bytes = budget_bytes or default_budget(device)
+        self.device_budgets = {d: budget_bytes or default_budget(d) for d in devices}
+        self.budget_bytes = sum(self.device_budgets.values())
         self.keep_alive_s = keep_alive_s
         self._models: dict[tuple[str, str | None], LoadedModel] = {}
         self._lock = threading.RLock()
@@ -181,7 +199,8 @@ class ModelCache:
         self.make_room(repo_id, weights_bytes(folder, self.device, self.dtype_name))
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = load_model(folder, self.device, self.dtype_name, on_layer)
+        spread = {d.index: b for d, b in self.device_budgets.items()} if len(self.devices) > 1 else None
+        model = load_model(folder, self.device, self.dtype_name, on_layer, spread)
         load_ms = round((time.perf_counter() - start) * 1000, 1)
         size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, in_use=True)

@@ -147,7 +147,8 @@ class Presence:
     def _write(self, pipe) -> None:
         with self._lock:
             state, job_id, cached = self._state, self._job_id, self._cached
-        free, total = device_memory(self.models.device)
+        figures = [device_memory(d) for d in self.models.devices]
+        free, total = sum(f for f, _ in figures), sum(t for _, t in figures)
         held = self.models.held()
         now = time.time()
         pipe.hset(
@@ -156,7 +157,7 @@ class Presence:
                 "id": self.name,
                 "host": socket.gethostname(),
                 "queue": self.queue,
-                "device": str(self.models.device),
+                "device": ",".join(str(d) for d in self.models.devices),
                 "state": state,
                 "current_job": job_id,
                 "memory_total": total,

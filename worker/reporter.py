@@ -31,7 +31,10 @@ class JobReporter:
         self.ttl_s = ttl_s
         self._log_key = keys.job_events(job_id)
         self._channel = keys.job_channel(job_id)
-        pipe = connection.pipeline(transaction=False)
+        # One MULTI: the hive appends queue-position events only while the job is in
+        # the waiting set, so between reading the last id and leaving the set nothing
+        # else may write to the log.
+        pipe = connection.pipeline(transaction=True)
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)

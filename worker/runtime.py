@@ -24,7 +24,7 @@ from .cancel import CancelWatcher, JobCancelled
 from .lease import JobLease
 from .download import fetch_model
 from .generate import SamplingParams, generate_tokens
-from .models import LoadedModel, ModelCache, resolve_device
+from .models import LoadedModel, ModelCache, resolve_devices
 from .presence import Presence
 from .reporter import JobReporter
 
@@ -75,9 +75,11 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, connection: redis.Redis):
         self.settings = settings
         self.redis = connection
-        self.device = resolve_device(settings.device)
-        self.name = settings.worker_name or f"{socket.gethostname()}:{self.device}:{os.getpid()}"
-        self.models = ModelCache(self.device, settings.dtype, settings.max_memory, settings.keep_alive_s)
+        devices = resolve_devices(settings.device)
+        self.device = devices[0]
+        placement = "+".join(str(d) for d in devices)
+        self.name = settings.worker_name or f"{socket.gethostname()}:{placement}:{os.getpid()}"
+        self.models = ModelCache(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
         self.cancels = CancelWatcher(connection)
         self.lease = JobLease(connection, settings.job_ttl_s)
         self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s)
@@ -168,7 +170,12 @@ class WorkerRuntime:
             return loaded, True, 0.0
         reporter.update(JobState.downloading)
         self.presence.phase("downloading")
-        folder = fetch_model(request.model, request.revision, reporter.emit, self._check)
+        # Fail fast, before the download, when even the smallest the weights can take
+        # on the device (stored in fp32, loaded in half precision) exceeds the budget;
+        # the exact check, from the safetensors headers, comes before loading.
+        folder = fetch_model(
+            request.model, request.revision, reporter.emit, self._check, lambda n: self.models.check_fits(request.model, n // 2)
+        )
         self._check()
         reporter.update(JobState.loading)
         self.presence.phase("loading")
