@@ -101,7 +101,7 @@ class Cluster:
         processes.wait_until(lambda: all(w["state"] == "idle" for w in self.workers()), 30, "the workers to be idle", tuple(self.procs))
 
 
-def start_cluster(root: Path, stack: ExitStack, token_delay_ms: float) -> Cluster:
+def start_cluster(root: Path, stack: ExitStack, token_delay_ms: float, log_level: str) -> Cluster:
     logs = root / "logs"
     logs.mkdir()
     redis_proc, redis_url = processes.start_redis(logs)
@@ -113,7 +113,7 @@ def start_cluster(root: Path, stack: ExitStack, token_delay_ms: float) -> Cluste
     # --no-hub: the workers download from the hub endpoint, and the hive fetches nothing.
     hive = processes.start(
         "hive",
-        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--no-hub", "--log-level", "warning"),
+        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--no-hub", "--log-level", log_level),
         logs,
         env={"HF_HOME": str(root / "hive-hf")},
     )
@@ -124,7 +124,7 @@ def start_cluster(root: Path, stack: ExitStack, token_delay_ms: float) -> Cluste
             name,
             processes.hive_command(
                 "worker", "--redis-url", redis_url, "--device", "cpu", "--name", name,
-                "--token-delay-ms", str(token_delay_ms), "--keep-alive", "-1", "--log-level", "warning",
+                "--token-delay-ms", str(token_delay_ms), "--keep-alive", "-1", "--log-level", log_level,
             ),
             logs,
             env={"HF_ENDPOINT": hub_url, "HF_HOME": str(cluster.hf_home)},
@@ -620,6 +620,7 @@ def main() -> None:
     parser.add_argument("--cold-shape", choices=sorted(SHAPES), default="llama-135m", help="shape of the warm/cold models")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    parser.add_argument("--log-level", default="warning", help="of the hive and the workers (their logs are scanned for warnings)")
     parser.add_argument("--doc", type=Path, default=DOC, help="the file whose Fleet section is written")
     args = parser.parse_args()
     loads = [float(x) for x in args.loads.split(",")]
@@ -638,7 +639,7 @@ def main() -> None:
             build_model(root / "hub" / model, seed=seed, **SHAPES[args.cold_shape])
         for model, seed in STREAM_MODELS.items():
             build_model(root / "hub" / model, seed=seed, **SHAPES["tiny"])
-        cluster = start_cluster(root, stack, args.token_delay_ms)
+        cluster = start_cluster(root, stack, args.token_delay_ms, args.log_level)
 
         try:
             # First: a worker's first load pays one-time imports, which no cold start below should.
@@ -659,7 +660,8 @@ def main() -> None:
                 stream = asyncio.run(run_stream(cluster, rate, args.jobs, args.max_tokens, args.seed + n))
                 results.append(analyse(stream, list(WORKERS), load, rate))
         except Exception:
-            print_findings(log_findings(cluster))  # what the processes said, before their logs go
+            for proc in cluster.procs:  # what the processes said, before their logs go
+                print(f"\n{proc.name} log, last lines:\n  " + "\n  ".join(proc.log().splitlines()[-30:]), file=sys.stderr)
             raise
         findings = log_findings(cluster)
 
