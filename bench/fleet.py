@@ -11,7 +11,7 @@ cache (one machine, two devices).
 
 Warm versus cold: two 135M-shaped Llamas (random weights). Each round, for each
 model, four one-token jobs: cold with the model downloaded (first removed from
-the machine's hub cache with DELETE /v1/models), warm (the next job, routed to
+the machine's hub cache), warm (the next job, routed to
 the worker that now holds it; sent with keep_alive 0, so the model unloads after
 it), cold with the model cached on disk, warm again. TTFT is timed at the client,
 from the POST to the first `token` event.
@@ -33,6 +33,7 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -224,12 +225,13 @@ def wait_unloaded(cluster: Cluster, model: str) -> None:
     )
 
 
-def drop_from_cache(client: httpx.Client, cluster: Cluster, model: str) -> None:
-    response = client.delete(f"/v1/models/{model}")
-    if response.status_code not in (202, 404):  # 404: no worker has it cached
-        raise RuntimeError(f"DELETE /v1/models/{model}: {response.status_code} {response.text}")
-    folder = cluster.cache_folder(model)
-    processes.wait_until(lambda: not folder.exists(), 30, f"{model} to leave the hub cache", tuple(cluster.procs))
+def drop_from_cache(cluster: Cluster, model: str) -> None:
+    """Removes the model from the workers' hub cache, as from a fresh machine's.
+
+    Not with DELETE /v1/models: each worker sharing the cache deletes the folder
+    when its listener gets to it, which can be after another worker has already
+    downloaded the model again for the next job (that job then fails to load)."""
+    shutil.rmtree(cluster.cache_folder(model), ignore_errors=True)
 
 
 def warm_versus_cold(cluster: Cluster, runs: int) -> list[FirstToken]:
@@ -238,7 +240,7 @@ def warm_versus_cold(cluster: Cluster, runs: int) -> list[FirstToken]:
         for run in range(runs):
             print(f"warm versus cold: round {run + 1}/{runs}", file=sys.stderr)
             for model in COLD_MODELS:
-                drop_from_cache(client, cluster, model)
+                drop_from_cache(cluster, model)
                 samples.append(one_token_job(client, cluster, model, COLD_DOWNLOADED, None))
                 samples.append(one_token_job(client, cluster, model, WARM, 0))  # then unloads
                 wait_unloaded(cluster, model)
@@ -561,7 +563,7 @@ A real redis-server, a hub endpoint serving generated models from local disk, `h
 
 **Warm versus cold.** {COLD_DESCRIPTION[args.cold_shape]}
 {args.runs} round{"s" if args.runs != 1 else ""}; in each, for each model, four one-token jobs in a row: cold with the model downloaded
-(first removed from the hub cache with `DELETE /v1/models`), warm (the next job, which the hive routes
+(its folder first removed from the workers' hub cache), warm (the next job, which the hive routes
 to the worker now holding it; sent with `keep_alive: 0`, so the model unloads after it), cold with the
 model cached on disk (in the OS page cache too: it was just read), warm again. Both workers had loaded
 a model before (the small ones below), so no cold start here pays a worker's one-time imports. Client

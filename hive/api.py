@@ -15,6 +15,7 @@ from starlette.routing import Route
 from shared import jobs as job_fields
 from shared.spec import InferenceRequest, PullRequest
 
+from .auth import Principal
 from .errors import ApiError
 from .jobs import JobFinished, JobNotFound, QueueFull
 from .openapi import openapi_schema
@@ -77,14 +78,16 @@ def checked_job_id(request: Request) -> str:
     return job_id
 
 
-async def submit_inference(request: Request) -> Response:
+async def accept_job(request: Request, spec_type: type[InferenceRequest] | type[PullRequest], admin_only: bool = False) -> Response:
+    """Validates the body as ``spec_type``, enqueues the job and answers 202 with
+    its URLs: the same for inference and pull jobs."""
     hive = request.app.state.hive
-    principal = hive.auth.authenticate(request)
+    principal = _require_admin(request) if admin_only else hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
     try:
-        spec = InferenceRequest.model_validate(body)
+        spec = spec_type.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from e
     try:
@@ -97,6 +100,10 @@ async def submit_inference(request: Request) -> Response:
         status_code=202,
         headers={"Location": urls["status_url"]},
     )
+
+
+async def submit_inference(request: Request) -> Response:
+    return await accept_job(request, InferenceRequest)
 
 
 async def job_status(request: Request) -> Response:
@@ -186,32 +193,17 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-def _require_admin(request: Request) -> None:
-    if not request.app.state.hive.auth.authenticate(request).admin:
+def _require_admin(request: Request) -> Principal:
+    principal = request.app.state.hive.auth.authenticate(request)
+    if not principal.admin:
         raise ApiError(403, "FORBIDDEN", "this endpoint needs an admin key (HIVE_ADMIN_KEYS)")
+    return principal
 
 
 async def pull_model(request: Request) -> Response:
     """Downloads a model into a worker's hub cache ahead of its first job; answers
     like an inference job, whose stream shows the download."""
-    _require_admin(request)
-    hive = request.app.state.hive
-    principal = hive.auth.authenticate(request)
-    body = await read_json_body(request, hive.settings.max_body_bytes)
-    if not isinstance(body, dict):
-        raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
-    try:
-        spec = PullRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e) from e
-    try:
-        job_id, position = await hive.jobs.submit(spec, principal.owner)
-    except QueueFull as e:
-        raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
-    urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)
-    return JSONResponse(
-        {"job_id": job_id, "state": "queued", "position": position, **urls}, status_code=202, headers={"Location": urls["status_url"]}
-    )
+    return await accept_job(request, PullRequest, admin_only=True)
 
 
 async def delete_model(request: Request) -> Response:

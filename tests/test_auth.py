@@ -86,3 +86,18 @@ def test_keys_never_reach_the_log(secured_hive):
 def test_without_keys_the_hive_refuses_to_listen_beyond_loopback():
     result = processes.run_hive("serve", "--host", "0.0.0.0", "--port", str(processes.free_port()))
     assert result.returncode == 2 and "loopback" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fleet_endpoints_want_a_key_and_changes_want_an_admin(secured_hive):
+    url, _ = secured_hive
+    for method, path in (("GET", "/v1/workers"), ("GET", "/v1/models"), ("POST", "/v1/models/pull"), ("DELETE", "/v1/models/acme/tiny")):
+        assert httpx.request(method, url + path).status_code == 401
+    assert httpx.get(f"{url}/v1/workers", headers=bearer(KEY_A)).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers=bearer(KEY_A)).json()["object"] == "list"
+    pull = httpx.post(f"{url}/v1/models/pull", json={"model": "acme/tiny"}, headers=bearer(KEY_A))
+    assert pull.status_code == 403 and pull.json()["error"]["code"] == "FORBIDDEN"
+    assert httpx.delete(f"{url}/v1/models/acme/tiny", headers=bearer(KEY_A)).status_code == 403
+    accepted = httpx.post(f"{url}/v1/models/pull", json={"model": "acme/tiny"}, headers=bearer(ADMIN))
+    assert accepted.status_code == 202
+    assert httpx.delete(url + accepted.json()["status_url"], headers=bearer(ADMIN)).status_code == 200
+    assert httpx.delete(f"{url}/v1/models/acme/tiny", headers=bearer(ADMIN)).status_code == 404  # no worker has it
