@@ -380,16 +380,17 @@ def overlap(a: float, b: float, spans: list[tuple[float, float]]) -> list[tuple[
 def worker_gaps(stream: list[StreamJob], workers: list[str]) -> tuple[dict[str, list[tuple[float, float]]], list[float]]:
     """Per worker, the spans in which it was idle, and every worker's turnarounds (ms).
 
-    Between two of its jobs a worker is either turning around (its next job was
-    already waiting, on the shared queue or its own, when it finished the last:
-    RQ's bookkeeping, then the pickup, however long they take) or idle (nothing
-    it listens to was waiting). It is idle before its first job and after its last."""
+    Between two of its jobs a worker either turns around (when it finished the last
+    one, a job was waiting where it looks, on the shared queue or its own: RQ's
+    bookkeeping and the pickup follow, however long they take) or is idle (nothing
+    it looks at was waiting). It is idle before its first job and after its last."""
+    done = [j for j in stream if j.complete]
     idle, turnarounds = {}, []
     for worker in workers:
         spans, free_since = [], float("-inf")
-        for job in sorted((j for j in stream if j.complete and j.worker == worker), key=lambda j: j.picked):
+        for job in sorted((j for j in done if j.worker == worker), key=lambda j: j.picked):
             if job.picked > free_since:
-                if job.created < free_since and job.routed_to in ("shared", worker):
+                if any(j.created < free_since < j.picked and j.routed_to in ("shared", worker) for j in done):
                     turnarounds.append((job.picked - free_since) * 1000)
                 else:
                     spans.append((free_since, job.picked))
@@ -446,6 +447,10 @@ def analyse(stream: list[StreamJob], workers: list[str], load: float, rate: floa
         "per_worker": {w: sum(1 for j in done if j.worker == w) for w in workers},
         "routed_own": sum(1 for j in done if j.routed_to != "shared"),
         "handed_on": sum(1 for j in done if j.routed_to not in ("shared", j.worker)),
+        # Routed to an idle holder's own queue, and picked before jobs that waited longer on the shared queue.
+        "overtook": sum(
+            1 for j in done if j.routed_to != "shared" and any(k.routed_to == "shared" and k.created < j.created and k.picked > j.picked for k in done)
+        ),
         "idle_wait_ms": idle_waits,
         "waited": [
             {
@@ -508,7 +513,8 @@ def stream_table(results: list[dict]) -> str:
     ]
     for r in results:
         jobs = f"{r['done']}" + (f", {len(r['failed'])} failed" if r["failed"] else "") + (f", {len(r['retried'])} retried" if r["retried"] else "")
-        routed = f"{r['routed_own']}" + (f" ({r['handed_on']} handed on)" if r["handed_on"] else "")
+        notes = [f"{r['handed_on']} handed on"] * bool(r["handed_on"]) + [f"{r['overtook']} overtook older jobs"] * bool(r["overtook"])
+        routed = f"{r['routed_own']}" + (f" ({', '.join(notes)})" if notes else "")
         lines.append(
             f"| {r['load']:.0%} ({r['rate']:.1f}/s) | {r['offered']:.1f} | {jobs} | {dist(r['queue_ms'])} | {dist(r['to_started_ms'])} | "
             f"{dist(r['client_ttft_ms'])} | {dist(r['service_ms'])} | {r['warm'] / r['done']:.0%} | {routed} | "
@@ -529,8 +535,9 @@ def summary(samples: list[FirstToken], results: list[dict]) -> str:
         verdict = "met" if not r["waited"] else "MISSED"
         lines.append(
             f"- Load {r['load']:.0%}: {len(r['waited'])} of {r['done']} jobs waited more than {IDLE_WAIT_THRESHOLD_S * 1000:.0f} ms while a worker "
-            f"was idle (target 0: {verdict}); the longest idle wait {max(r['idle_wait_ms']):.0f} ms. {r['warm']} of {r['done']} ran warm. "
-            f"A worker's turnaround (one job's end to the pickup of one already waiting): {turnaround} ms."
+            f"was idle (target 0: {verdict}); the longest idle wait {max(r['idle_wait_ms']):.0f} ms. {r['warm']} of {r['done']} ran warm; "
+            f"{r['routed_own']} were routed to an idle holder, {r['overtook']} of them ahead of jobs that had waited longer on the shared queue. "
+            f"A worker's turnaround (one job's end to its next pickup, a job waiting): {turnaround} ms."
         )
     return "\n".join(lines)
 
@@ -580,13 +587,14 @@ decode leaves the CPU to the hive), and a job asks for {args.max_tokens} tokens.
 the two models arrive as a Poisson stream, {args.jobs} at each load; the load is the arrival rate over
 what two workers serve (twice the inverse of one warm job's median picked → finished, measured first).
 From each job's status: submit → picked (`queue_ms`), submit → started, its worker, and whether it ran
-warm (`ready.warm`). Between two of its jobs a worker either turns around (its next job was already
-waiting, on the shared queue or its own, when it finished the last one: RQ's bookkeeping, then the
-pickup) or is idle (nothing it listens to was waiting); it is idle before its first job and after its
+warm (`ready.warm`). Between two of its jobs a worker either turns around (when it finished the last
+one, a job was waiting where it looks, on the shared queue or its own: RQ's bookkeeping and the pickup
+follow) or is idle (nothing it looks at was waiting); it is idle before its first job and after its
 last. A job that spent more than {IDLE_WAIT_THRESHOLD_S * 1000:.0f} ms of its wait while a worker was idle counts as having waited
 while a worker could have run it (both hold both models: any idle one could). "Routed to an idle
 holder": jobs the hive put on an idle worker's own queue; "handed on": of those, the ones another
-worker ran (the reaper moved them). Medians, p90 and max.
+worker ran (the reaper moved them); "overtook older jobs": the ones picked before jobs that had waited
+longer on the shared queue. Medians, p90 and max.
 
 {stream_md}
 

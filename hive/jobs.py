@@ -69,6 +69,24 @@ return 1
 """
 
 
+# Claims an idle worker holding a model, in one step: the most recently idle one
+# of the model's idle set that is alive (a heartbeat since ARGV[1]) and not claimed
+# already through another model's set (SET NX on its claim key, ARGV[2] .. name:
+# a worker idle for two models sits in both sets). Dead or claimed entries are
+# dropped on the way; the worker lists itself again when it is idle.
+_CLAIM_IDLE_WORKER = """
+while true do
+  local popped = redis.call('ZPOPMAX', KEYS[1])
+  if #popped == 0 then return false end
+  local name = popped[1]
+  local beat = redis.call('ZSCORE', KEYS[2], name)
+  if beat and tonumber(beat) >= tonumber(ARGV[1]) then
+    if redis.call('SET', ARGV[2] .. name, '1', 'NX', 'PX', ARGV[3]) then return name end
+  end
+end
+"""
+
+
 class JobService:
     def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis):
         self.settings = settings
@@ -76,6 +94,7 @@ class JobService:
         # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
+        self._claim = sync_connection.register_script(_CLAIM_IDLE_WORKER)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
         """Returns (job id, queue position). A PullRequest downloads the model only."""
@@ -132,16 +151,12 @@ class JobService:
         return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)
 
     def _claim_warm_worker(self, model: str, revision: str | None) -> str | None:
-        """An idle, live worker holding the model, taken off the idle set, or None."""
-        connection = self.queue.connection
-        key = keys.idle_with(self.queue.name, model, revision)
-        while popped := connection.zpopmax(key):
-            name = popped[0][0].decode()
-            beat = connection.zscore(keys.workers(self.queue.name), name)
-            if beat is not None and beat >= time.time() - keys.WORKER_DEAD_AFTER_S:
-                return name
-            # A dead worker's entry: dropped; try the next.
-        return None
+        """An idle, live worker holding the model, claimed for this job, or None."""
+        name = self._claim(
+            keys=[keys.idle_with(self.queue.name, model, revision), keys.workers(self.queue.name)],
+            args=[time.time() - keys.WORKER_DEAD_AFTER_S, keys.worker_claim(""), keys.CLAIM_TTL_MS],
+        )
+        return name.decode() if name else None
 
     def _enqueue_rq(self, pipe, cluster_queue: str, rq_queue: Queue, job_id: str, rq_id: str, spec: dict, kind: str) -> None:
         """``cluster_queue`` counts the job for depth limits and queue-wait timeouts;

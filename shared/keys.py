@@ -94,6 +94,18 @@ def worker_queue(queue: str, name: str) -> str:
     return f"{queue}:w:{name}"
 
 
+def worker_claim(name: str) -> str:
+    """String: set (NX, with a short TTL) by the hive that claims the idle worker
+    for a job, so a claim through another model's idle set skips it; the worker
+    clears it when it is idle again. (The claim script appends the name to
+    ``worker_claim("")``.)"""
+    return f"{PREFIX}:claim:{name}"
+
+
+#: How long a claim holds if its job never reaches the worker (a failed submit).
+CLAIM_TTL_MS = 30_000
+
+
 def idle_with(queue: str, model: str, revision: str | None) -> str:
     """Sorted set: the idle workers of ``queue`` that hold ``model`` at ``revision``,
     scored by when they became idle. The hive claims one with ZPOPMAX (atomic: no

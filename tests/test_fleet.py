@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -104,6 +105,36 @@ def test_workers_and_models_api_show_the_fleet(pair):
     assert sorted(by_id["acme/fleet-a"]["loaded_on"]) == sorted(held)
     assert len(by_id["acme/fleet-b"]["loaded_on"]) == 1
     assert by_id["acme/fleet-a"]["cached_on"] and by_id["acme/fleet-a"]["size_bytes"] > 0
+
+
+def test_two_jobs_for_two_models_never_claim_the_same_idle_worker(pair):
+    """An idle worker holding both models is idle for each; two jobs submitted
+    together must still run on both workers at once."""
+    url, _ = pair
+
+    def pair_of_jobs() -> tuple[dict, dict]:
+        processes.wait_until(lambda: {w["state"] for w in list_workers(url)} == {"idle"}, 5, "both workers idle")
+        with ThreadPoolExecutor(2) as pool:  # submitted together, as two clients would
+            a, b = pool.map(lambda model: submit(url, model=model, prompt=PROMPT, max_tokens=6), ("acme/fleet-a", "acme/fleet-b"))
+        follow(url, a["sse_url"])
+        follow(url, b["sse_url"])
+        return status(url, a["job_id"]), status(url, b["job_id"])
+
+    # Each worker loads both models (so it is idle for both): while one worker is
+    # busy with a long job on a model, the next job for that model loads it on the other.
+    for model in ("acme/fleet-a", "acme/fleet-b", "acme/fleet-a", "acme/fleet-b"):
+        if all(models == ["acme/fleet-a", "acme/fleet-b"] for models in models_on(url).values()):
+            break
+        long = submit(url, model=model, prompt=PROMPT, max_tokens=400)
+        processes.wait_until(lambda: status(url, long["job_id"])["state"] == "running", 20, "a long job running")
+        follow(url, submit(url, model=model, prompt=PROMPT, max_tokens=2)["sse_url"])
+        httpx.delete(f"{url}/v1/inference/{long['job_id']}")
+        follow(url, long["sse_url"])
+    assert all(models == ["acme/fleet-a", "acme/fleet-b"] for models in models_on(url).values())
+    for _ in range(5):
+        one, two = pair_of_jobs()
+        assert one["worker"] != two["worker"]
+        assert two["picked_at"] < one["finished_at"] and one["picked_at"] < two["finished_at"]
 
 
 def test_a_killed_worker_drops_off_within_three_heartbeats(pair):

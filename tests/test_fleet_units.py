@@ -45,6 +45,8 @@ def test_keep_alive_zero_unloads_at_once_and_a_negative_one_never():
     cache = ModelCache([CPU], budget_bytes=100, keep_alive_s=300)
     a = held(cache, "a/a", 10, 1.0)
     cache.release(a, 0)
+    assert cache.kept() == []  # no longer offered to new jobs; unloaded once the job's end is out
+    cache.unload_expired()
     assert cache.held() == []
     b = held(cache, "a/b", 10, 1.0)
     cache.release(b, -1)

@@ -153,9 +153,15 @@ class ModelCache:
         with self._lock:
             loaded.in_use = False
             loaded.last_used = time.time()
+            # keep_alive 0 expires it now; unload_expired() unloads it once the job's
+            # end is out (the client does not wait for the unload).
             loaded.expires_at = math.inf if keep < 0 else time.monotonic() + keep
-            if keep == 0:
-                self._unload(loaded, "keep_alive 0")
+
+    def kept(self) -> list[LoadedModel]:
+        """The models held that are not about to be unloaded (keep-alive left)."""
+        now = time.monotonic()
+        with self._lock:
+            return [m for m in self._models.values() if m.in_use or m.expires_at > now]
 
     def check_fits(self, repo_id: str, needed_bytes: int) -> None:
         if needed_bytes > self.budget_bytes:

@@ -19,9 +19,11 @@ import threading
 import time
 
 import redis
+from rq import Queue as RQQueue
 
 from shared import keys
 
+from .download_lock import lock_dir, lock_name
 from .models import ModelCache, device_memory
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Presence:
         self.models = models
         self.ttl_s = ttl_s
         self.started_at = time.time()
+        self._shared_key = RQQueue(queue, connection=connection).key
         self._state = "idle"
         self._job_id = ""
         self._cached = json.dumps(cached_models())
@@ -90,10 +93,7 @@ class Presence:
             return
         for repo in info.repos:
             if repo.repo_id == repo_id and repo.repo_type == "model":
-                # The whole repo folder: delete_revisions() goes by commit hash, which
-                # two mirrored copies of one model share, and would hit both.
-                shutil.rmtree(repo.repo_path)
-                log.info("deleted %s from the hub cache (%.1f MiB)", repo_id, repo.size_on_disk / 2**20)
+                self._delete_repo(repo)
         with self._lock:
             self._cached = json.dumps(cached_models())
         self.beat()
@@ -120,13 +120,17 @@ class Presence:
         self.beat()
 
     def idle(self) -> None:
-        """The job is over: claimable for every model held."""
+        """The job is over: claimable for every model kept, unless jobs already wait
+        on the shared queue (it takes the oldest of those next: a new job must not
+        overtake them by claiming it)."""
         cached = json.dumps(cached_models())  # the job may have downloaded one
         with self._lock:
             self._state, self._job_id, self._cached = "idle", "", cached
         now = time.time()
+        backlog = self.redis.llen(self._shared_key)
         with self.redis.pipeline(transaction=False) as pipe:
-            for m in self.models.held():
+            pipe.delete(keys.worker_claim(self.name))
+            for m in [] if backlog else self.models.kept():
                 key = keys.idle_with(self.queue, m.repo_id, m.revision)
                 pipe.zadd(key, {self.name: now})
                 pipe.expire(key, self.ttl_s)
@@ -138,6 +142,29 @@ class Presence:
             self.redis.zrem(keys.idle_with(self.queue, repo_id, revision), self.name)
         except redis.RedisError as e:  # the claim checks liveness, the next job re-lists
             log.warning("could not leave the idle set of %s: %s", repo_id, e)
+
+    @staticmethod
+    def _delete_repo(repo) -> None:
+        """Deletes the whole repo folder, under its download locks: workers sharing
+        this cache all hear the delete, and one may be downloading it again.
+        (Not ``delete_revisions()``: it goes by commit hash, which two mirrored copies
+        of one model share.)"""
+        from filelock import FileLock, Timeout
+        from huggingface_hub import constants
+
+        locks = [FileLock(lock_dir(constants.HF_HUB_CACHE) / f"{lock_name(repo.repo_id, r.commit_hash)}.lock") for r in repo.revisions]
+        taken = []
+        try:
+            for lock in locks:
+                lock.acquire(blocking=False)
+                taken.append(lock)
+            shutil.rmtree(repo.repo_path, ignore_errors=True)  # another worker of this cache may be at it
+            log.info("deleted %s from the hub cache (%.1f MiB)", repo.repo_id, repo.size_on_disk / 2**20)
+        except Timeout:
+            log.warning("not deleting %s from the hub cache: it is being downloaded", repo.repo_id)
+        finally:
+            for lock in taken:
+                lock.release()
 
     def beat(self) -> None:
         with self.redis.pipeline(transaction=False) as pipe:

@@ -8,6 +8,7 @@ when the job starts and again when it ends, not per event.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -23,10 +24,20 @@ def _record_fields(state: JobState | None, fields: dict) -> dict[str, str]:
 
 
 class JobReporter:
-    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int, unqueue: tuple[str, ...] = (), **fields):
+    def __init__(
+        self,
+        connection: redis.Redis,
+        job_id: str,
+        ttl_s: int,
+        unqueue: tuple[str, ...] = (),
+        before_finish: Callable[[], None] = lambda: None,
+        **fields,
+    ):
         """Takes the job (``fields`` go to its record; it leaves the ``unqueue``
-        sorted sets of waiting jobs) in one round trip."""
+        sorted sets of waiting jobs) in one round trip. ``before_finish`` runs just
+        before the terminal event goes out."""
         self.redis = connection
+        self._before_finish = before_finish
         self.job_id = job_id
         self.ttl_s = ttl_s
         self._log_key = keys.job_events(job_id)
@@ -67,6 +78,7 @@ class JobReporter:
 
     def finish(self, final_event: Event, state: JobState, **fields) -> None:
         """The terminal event and the final state; the TTLs restart from now."""
+        self._before_finish()
         # The record is final before the event is out: a client that reads the
         # status on `end` sees the job completed.
         self.emit(final_event, state, **{jobs.FINISHED_AT: time.time(), **fields})

@@ -83,11 +83,15 @@ class WorkerRuntime:
         self.cancels = CancelWatcher(connection)
         self.lease = JobLease(connection, settings.job_ttl_s)
         self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s)
+        #: The current job's model and its keep_alive, until the job lets it go.
+        self._holding: tuple[LoadedModel, float | None] | None = None
+        self._idle = True
 
     def run_job(self, job_id: str, spec: dict, pull: bool = False) -> None:
         """Runs an inference job, or with ``pull`` a pull job (download only)."""
         self.cancels.begin(job_id)
         self.lease.hold(job_id)
+        self._idle = False
         try:
             self.presence.busy(job_id)
             queue, model = self.settings.queue, str(spec.get("model", ""))
@@ -96,6 +100,7 @@ class WorkerRuntime:
                 job_id,
                 self.settings.job_ttl_s,
                 unqueue=(keys.queued(queue), keys.queued_for_model(queue, model)),
+                before_finish=self._going_idle,
                 **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()},
             )
             if reporter.cancelled_before_start:
@@ -126,9 +131,23 @@ class WorkerRuntime:
             self.lease.release()
             self.cancels.end()
             try:
-                self.presence.idle()
+                if not self._idle:  # the job ended without a terminal event of its own
+                    self._going_idle()
             except REDIS_DOWN as e:  # the next heartbeat says idle; warm routing resumes after the next job
                 log.warning("could not list this worker as idle: %s", e)
+            self.models.unload_expired()  # keep_alive 0, now that the job's end is out
+
+    def _going_idle(self) -> None:
+        """Just before the job's terminal event goes out: the lease is given back (so
+        its renewal cannot find it gone and cry "lost"), the model is let go with its
+        keep-alive, and the worker is claimable again; a client that sends its next
+        request on `end` finds this worker warm."""
+        self.lease.release()
+        if self._holding is not None:
+            self.models.release(*self._holding)
+            self._holding = None
+        self.presence.idle()
+        self._idle = True
 
     def _check(self) -> None:
         """Between tokens, chunks and layers: stop if the job was taken over or cancelled."""
@@ -195,11 +214,9 @@ class WorkerRuntime:
 
     def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
         loaded, warm, load_ms = self._model(request, reporter)
-        try:
-            self.presence.phase("busy")
-            self._generate(job_id, request, reporter, loaded, warm, load_ms)
-        finally:
-            self.models.release(loaded, request.keep_alive)
+        self._holding = (loaded, request.keep_alive)
+        self.presence.phase("busy")
+        self._generate(job_id, request, reporter, loaded, warm, load_ms)
 
     def _generate(
         self, job_id: str, request: InferenceRequest, reporter: JobReporter, loaded: LoadedModel, warm: bool, load_ms: float
