@@ -47,6 +47,7 @@ import httpx
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse, connect_sse
 
+from bench.doc import DOC, replace_section
 from bench.relay import machine
 from shared import jobs as job_fields
 from shared import keys
@@ -542,23 +543,6 @@ def summary(samples: list[FirstToken], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def splice_section(text: str, section: str) -> str:
-    """``text`` with its "## Fleet" section replaced by ``section``, or ``section``
-    added before the soak section (which bench.soak rewrites along with all that
-    follows it); every other section stays as it is, byte for byte."""
-    head, *sections = text.split("\n## ")
-    fleet = section.removeprefix("## ")
-    at = next((i for i, s in enumerate(sections) if s.startswith("Fleet")), None)
-    if at is not None:
-        sections[at] = fleet
-    else:
-        sections.insert(next((i for i, s in enumerate(sections) if s.startswith("Soak")), len(sections)), fleet)
-    return "\n## ".join(part if part.endswith("\n") else part + "\n" for part in [head, *sections])
-
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-
-
 def write_doc(doc: Path, command: str, samples_table: str, stream_md: str, verdicts: str, raw: str, args) -> None:
     section = f"""## Fleet: warm versus cold time to first token, and submit → start with two workers
 
@@ -613,8 +597,7 @@ Raw: the warm/cold jobs (kind, model, client TTFT, submit → picked, POST → f
 {raw}
 ```
 """
-    doc.write_text(splice_section(doc.read_text() if doc.exists() else "# Benchmarks\n", section))
-    print(f"wrote {doc}", file=sys.stderr)
+    replace_section("Fleet", section, doc)
 
 
 # -------------------------------------------------------------------- main

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 from httpx_sse import connect_sse
 
+from bench.doc import replace_section
 from tests import processes
 from tests.tiny_models import build_model
 
@@ -214,7 +215,6 @@ def main() -> None:
 
 
 def write_doc(table: str, runs: int, ttft_runs: int, raw: str) -> None:
-    doc = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
     section = f"""## Relay overhead: tokens/s and warm time to first token
 
 Command: `python -m bench.relay --runs {runs} --ttft-runs {ttft_runs}` (or `make bench`). Machine: {machine()}.
@@ -249,9 +249,7 @@ Raw runs (model, path: one object per round):
 {raw}
 ```
 """
-    header = "# Benchmarks\n\nFigures measured on this project's machines, each with the command that reproduces it.\n\n"
-    doc.write_text(header + section)
-    print(f"wrote {doc}", file=sys.stderr)
+    replace_section("Relay overhead", section)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
+from bench.doc import replace_section
 from shared import keys
 from tests import processes
 from tests.tiny_models import build_model
@@ -208,11 +209,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if not args.no_write:
-        doc = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        marker = "\n## Soak"
-        text = text.split(marker)[0].rstrip() + "\n"
-        text += f"""
+        replace_section("Soak", f"""
 ## Soak: lost, duplicate and stuck events under cancels, reconnects and a killed worker
 
 Command: `python -m bench.soak --jobs {args.jobs} --concurrency {args.concurrency} --seed {args.seed}`.
@@ -226,9 +223,7 @@ replay log read from Redis.
 ```json
 {json.dumps(report, indent=1)}
 ```
-"""
-        doc.write_text(text)
-        print(f"wrote {doc}", file=sys.stderr)
+""")
 
 
 if __name__ == "__main__":

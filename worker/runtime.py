@@ -90,7 +90,6 @@ class WorkerRuntime:
     def run_job(self, job_id: str, spec: dict, pull: bool = False) -> None:
         """Runs an inference job, or with ``pull`` a pull job (download only)."""
         self.cancels.begin(job_id)
-        self.lease.hold(job_id)
         self._idle = False
         try:
             self.presence.busy(job_id)
@@ -103,6 +102,9 @@ class WorkerRuntime:
                 before_finish=self._going_idle,
                 **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()},
             )
+            # Renewed from now on: the reporter granted it (a renewal before the grant
+            # would find no lease and take the job for lost).
+            self.lease.hold(job_id)
             if reporter.cancelled_before_start:
                 self.cancels.cancel_current()
             try:
