@@ -14,7 +14,11 @@ from starlette.routing import Mount
 from shared.connections import async_client, sync_client
 from shared.settings import Settings
 
+from .admin_api import routes as admin_routes
 from .api import routes
+from .console import routes as console_routes
+from .metrics import routes as metrics_routes
+from .openai_api import routes as openai_routes
 from .auth import Auth
 from .errors import EXCEPTION_HANDLERS
 from .fleet import Fleet
@@ -80,7 +84,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
                 await hub.aclose()
 
     return Starlette(
-        routes=[*routes, *hub_routes],
+        routes=[*routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
         middleware=[Middleware(HeaderLimit)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

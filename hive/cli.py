@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from shared import keys
+
+from .admin_cli import register as register_admin_commands
 from shared.settings import DEFAULT_PORT, DEMO_MODEL, Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hive: LLM inference jobs on GPU workers, streamed over SSE.")
@@ -231,6 +233,9 @@ def up(
     settings = Settings(host=host, port=port, device=device, token_delay_ms=token_delay_ms)
     body = _prompt_body(prompt, model, max_tokens, temperature, seed, []) if prompt is not None else None
     raise typer.Exit(run_up(settings, hf_endpoint, body, verbose, workers))
+
+
+register_admin_commands(app)
 
 
 def main() -> None:
