@@ -1,5 +1,145 @@
-"""Admin endpoints the `hive` CLI uses beyond the public API (issue 5: to be built)."""
+"""Admin endpoints the `hive` CLI uses beyond the public API: the jobs of the
+cluster (newest first, from the jobs index written at submit), and its queues
+with their lengths and a purge that cancels every job waiting on one.
+
+A key lists its own jobs; admin keys (and local mode) list everyone's. A purge
+goes through JobService.cancel, job by job, so each purged job's stream ends with
+``error`` ``CANCELLED`` like any cancel: nothing is dropped from a queue silently.
+"""
 
 from __future__ import annotations
 
-routes: list = []
+from rq import Queue
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared import jobs as job_fields
+from shared import keys
+from shared.spec import JobState
+
+from .api import require_admin
+from .errors import ApiError
+from .jobs import JobFinished, JobNotFound
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+#: Index entries read per round trip while looking for ``limit`` matching jobs.
+PAGE = 200
+#: What a listing shows of a job's record: not the spec (the prompt) nor the output.
+_LISTED_FIELDS = (
+    job_fields.STATE, job_fields.MODEL, job_fields.REVISION, job_fields.WORKER, job_fields.KIND, job_fields.OWNER,
+    job_fields.ATTEMPT, job_fields.CREATED_AT, job_fields.PICKED_AT, job_fields.STARTED_AT, job_fields.FINISHED_AT,
+    job_fields.LOAD_MS, job_fields.TTFT_MS, job_fields.DECODE_TIME_MS, job_fields.PROMPT_TOKENS, job_fields.TOKENS_OUT,
+    job_fields.STOP_REASON, job_fields.ERROR_CODE, job_fields.ERROR_MESSAGE,
+)  # fmt: skip
+_STATES = tuple(s.value for s in JobState)
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit", str(DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ApiError(422, "INVALID_REQUEST", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _job_summary(job_id: str, record: dict[str, str]) -> dict:
+    view = job_fields.status_view(job_id, record)
+    view.pop("output", None)  # a listing shows no text; GET /v1/inference/<id> does
+    view.pop("max_tokens", None)  # in the spec, which a listing does not read
+    return view
+
+
+async def list_jobs(request: Request) -> Response:
+    """``GET /v1/jobs?state=&limit=``: the newest jobs first; a key sees its own."""
+    hive = request.app.state.hive
+    principal = hive.auth.authenticate(request)
+    state = request.query_params.get("state") or None
+    if state is not None and state not in _STATES:
+        raise ApiError(422, "INVALID_REQUEST", f"state must be one of {', '.join(_STATES)}")
+    limit = _limit(request)
+    index = keys.jobs_index(hive.settings.queue)
+    found: list[dict] = []
+    start = 0
+    while len(found) < limit:
+        job_ids = await hive.jobs.redis.zrevrange(index, start, start + PAGE - 1)
+        if not job_ids:
+            break
+        start += PAGE
+        async with hive.jobs.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(keys.job(job_id), _LISTED_FIELDS)
+            rows = await pipe.execute()
+        for job_id, values in zip(job_ids, rows):
+            record = {field: value for field, value in zip(_LISTED_FIELDS, values) if value is not None}
+            if not record or not principal.may_see(record.get(job_fields.OWNER)):
+                continue  # expired, or another key's
+            if state is None or record.get(job_fields.STATE) == state:
+                found.append(_job_summary(job_id, record))
+                if len(found) == limit:
+                    break
+    return JSONResponse({"jobs": found})
+
+
+async def _queues(hive) -> list[dict]:
+    """The cluster's shared queue, then the workers' own queues (those RQ knows
+    and those of live workers), with their lengths."""
+    connection = hive.jobs.redis
+    shared = hive.settings.queue
+    own_prefix = keys.worker_queue(shared, "")
+    names = {
+        key.removeprefix(Queue.redis_queue_namespace_prefix)
+        for key in await connection.smembers(Queue.redis_queues_keys)
+        if key.startswith(Queue.redis_queue_namespace_prefix + own_prefix)
+    }
+    live = {w["id"] for w in await hive.fleet.workers(with_jobs=False)}
+    names |= {keys.worker_queue(shared, w) for w in live}
+    ordered = [shared, *sorted(names)]
+    async with connection.pipeline(transaction=False) as pipe:
+        for name in ordered:
+            pipe.llen(Queue.redis_queue_namespace_prefix + name)
+        lengths = await pipe.execute()
+    queues = []
+    for name, length in zip(ordered, lengths):
+        worker = name.removeprefix(own_prefix) if name != shared else None
+        queues.append({"name": name, "worker": worker, "worker_alive": worker in live if worker else None, "length": length})
+    return queues
+
+
+async def list_queues(request: Request) -> Response:
+    """``GET /v1/queues``: every queue of the cluster and how many jobs wait on each;
+    ``waiting`` counts the cluster's waiting jobs in all (as the depth limits do)."""
+    hive = request.app.state.hive
+    hive.auth.authenticate(request)
+    waiting = await hive.jobs.redis.zcard(keys.queued(hive.settings.queue))
+    return JSONResponse({"queues": await _queues(hive), "waiting": waiting})
+
+
+async def purge_queue(request: Request) -> Response:
+    """``POST /v1/queues/<name>/purge`` (admin): cancels every job waiting on the
+    queue, each through the cancel path, so each stream ends with CANCELLED. A job
+    a worker took meanwhile is stopped by it (``cancelling``); an RQ job with no
+    Hive record, or one already finished, is left where it is (``skipped``)."""
+    require_admin(request)
+    hive = request.app.state.hive
+    name = request.path_params["name"]
+    if name not in {q["name"] for q in await _queues(hive)}:
+        raise ApiError(404, "QUEUE_NOT_FOUND", f"no queue {name} in this cluster (see GET /v1/queues)")
+    rq_ids = await hive.jobs.redis.lrange(Queue.redis_queue_namespace_prefix + name, 0, -1)
+    outcome: dict[str, list[str]] = {"cancelled": [], "cancelling": [], "skipped": []}
+    for rq_id in rq_ids:
+        job_id = rq_id.split("-")[0]  # a retry's RQ id is <job id>-<attempt>
+        try:
+            state = await hive.jobs.cancel(job_id)
+        except (JobNotFound, JobFinished):
+            outcome["skipped"].append(rq_id)
+            continue
+        outcome["cancelled" if state == JobState.cancelled.value else "cancelling"].append(job_id)
+    return JSONResponse({"queue": name, **outcome})
+
+
+routes = [
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/v1/queues", list_queues, methods=["GET"]),
+    Route("/v1/queues/{name}/purge", purge_queue, methods=["POST"]),
+]

@@ -82,7 +82,7 @@ async def accept_job(request: Request, spec_type: type[InferenceRequest] | type[
     """Validates the body as ``spec_type``, enqueues the job and answers 202 with
     its URLs: the same for inference and pull jobs."""
     hive = request.app.state.hive
-    principal = _require_admin(request) if admin_only else hive.auth.authenticate(request)
+    principal = require_admin(request) if admin_only else hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(422, "INVALID_REQUEST", "the body must be a JSON object")
@@ -193,7 +193,7 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-def _require_admin(request: Request) -> Principal:
+def require_admin(request: Request) -> Principal:
     principal = request.app.state.hive.auth.authenticate(request)
     if not principal.admin:
         raise ApiError(403, "FORBIDDEN", "this endpoint needs an admin key (HIVE_ADMIN_KEYS)")
@@ -208,7 +208,7 @@ async def pull_model(request: Request) -> Response:
 
 async def delete_model(request: Request) -> Response:
     """Removes a model from the workers' hub caches; 409 while a worker holds it loaded."""
-    _require_admin(request)
+    require_admin(request)
     hive = request.app.state.hive
     model = f"{request.path_params['org']}/{request.path_params['name']}"
     known = [m for m in await hive.fleet.models() if m["model"] == model]

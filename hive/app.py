@@ -17,6 +17,7 @@ from shared.settings import Settings
 from .admin_api import routes as admin_routes
 from .api import routes
 from .console import routes as console_routes
+from .metrics import app_metrics
 from .metrics import routes as metrics_routes
 from .openai_api import routes as openai_routes
 from .auth import Auth
@@ -67,7 +68,8 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         sync_connection = sync_client(settings.redis_url)
         relay = EventRelay(async_client(settings.redis_url, decode_responses=True))
         await relay.start()
-        jobs = JobService(settings, connection, sync_connection)
+        metrics = app_metrics(app)
+        jobs = JobService(settings, connection, sync_connection, on_end=metrics.job_ended)
         reaper = Reaper(connection, jobs)
         reaper.start()
         fleet = Fleet(connection, settings.queue, str(hub.cache.root) if hub is not None else None)

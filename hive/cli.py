@@ -128,6 +128,7 @@ def worker(
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token (demos, tests).")] = 0.0,
     max_memory: MaxMemory = "auto",
     keep_alive: KeepAlive = "5m",
+    metrics_port: Annotated[int, typer.Option(envvar="HIVE_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")] = 0,
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
 ) -> None:
@@ -150,6 +151,7 @@ def worker(
             job_ttl_s=job_ttl_s,
             max_memory=memory_bytes,
             keep_alive_s=keep_alive_s,
+            metrics_port=metrics_port,
         )
     )
 

@@ -144,7 +144,8 @@ def worker_devices(device: str, count: int) -> list[str]:
 
 
 def start_worker(settings: Settings, device: str, hf_endpoint: str, verbose: bool) -> subprocess.Popen:
-    env = {**os.environ, "HF_ENDPOINT": hf_endpoint, "HIVE_REDIS_URL": settings.redis_url}
+    # No metrics port: several workers inheriting one would collide.
+    env = {**os.environ, "HF_ENDPOINT": hf_endpoint, "HIVE_REDIS_URL": settings.redis_url, "HIVE_METRICS_PORT": "0"}
     command = [sys.executable, "-m", "hive", "worker", "--device", device, "--queue", settings.queue]
     if settings.token_delay_ms:
         command += ["--token-delay-ms", str(settings.token_delay_ms)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -88,8 +89,16 @@ end
 
 
 class JobService:
-    def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis):
+    def __init__(
+        self,
+        settings: Settings,
+        connection: aioredis.Redis,
+        sync_connection: redis.Redis,
+        on_end: Callable[[str, str, str], None] = lambda kind, outcome, code: None,
+    ):
+        """``on_end(kind, outcome, code)``: a job the hive itself ended (metrics)."""
         self.settings = settings
+        self.on_end = on_end
         self.redis = connection
         # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
@@ -143,9 +152,19 @@ class JobService:
             pipe.expire(keys.job(job_id), ttl)
             pipe.xadd(keys.job_events(job_id), {"e": queued.type, "d": queued.to_json()}, id=events.stream_id(1))
             pipe.expire(keys.job_events(job_id), ttl)
+            self._index(pipe, job_id)
             self._enqueue_rq(pipe, self.queue.name, rq_queue, job_id, job_id, request.model_dump(mode="json"), kind)
             pipe.execute()
         return position
+
+    def _index(self, pipe, job_id: str) -> None:
+        """Lists the job in the queue's jobs index (``GET /v1/jobs``), dropping the
+        entries past the job TTL, whose records are gone or about to go."""
+        now, ttl = time.time(), self.settings.job_ttl_s
+        index = keys.jobs_index(self.queue.name)
+        pipe.zremrangebyscore(index, "-inf", now - ttl)
+        pipe.zadd(index, {job_id: now})
+        pipe.expire(index, ttl)
 
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)
@@ -193,7 +212,7 @@ class JobService:
                 then(pipe)
             pipe.execute()
 
-    def _end_here(self, job_id: str, state: JobState, error: Error) -> None:
+    def _end_here(self, job_id: str, state: JobState, error: Error, kind: str) -> None:
         ttl = self.settings.job_ttl_s
 
         def expire(pipe) -> None:
@@ -207,6 +226,7 @@ class JobService:
             jobs.ERROR_MESSAGE: error.message,
         }
         self._append_event(job_id, error, fields, expire)
+        self.on_end(kind, state.value, error.code)
 
     def worker_lost(self, job_id: str) -> str:
         """The job's worker stopped renewing its lease: retry the job once if it had
@@ -237,7 +257,7 @@ class JobService:
             )
             return "retried"
         phase = "after its first token" if record.get(jobs.FIRST_TOKEN_AT) else f"on attempt {attempt}"
-        self._end_here(job_id, JobState.failed, Error("WORKER_LOST", f"worker {worker} stopped responding {phase}"))
+        self._end_here(job_id, JobState.failed, Error("WORKER_LOST", f"worker {worker} stopped responding {phase}"), record.get(jobs.KIND) or "inference")
         return "failed"
 
     async def record(self, job_id: str) -> dict[str, str] | None:
@@ -263,7 +283,7 @@ class JobService:
         if not self._take_off_queue(job_id, record):
             return "cancelling"
         # Taken off the queue: no worker will see it, so its stream ends here.
-        self._end_here(job_id, JobState.cancelled, Error("CANCELLED", "cancelled by the client while queued"))
+        self._end_here(job_id, JobState.cancelled, Error("CANCELLED", "cancelled by the client while queued"), record.get(jobs.KIND) or "inference")
         return JobState.cancelled.value
 
     def _take_off_queue(self, job_id: str, record: dict[str, str]) -> bool:
@@ -287,11 +307,11 @@ class JobService:
         ended = 0
         for raw_id in connection.zrangebyscore(keys.queued(self.queue.name), 0, cutoff):
             job_id = raw_id.decode()
-            fields = (jobs.RQ_ID, jobs.MODEL, jobs.QUEUE, jobs.RQ_QUEUE)
+            fields = (jobs.RQ_ID, jobs.MODEL, jobs.QUEUE, jobs.RQ_QUEUE, jobs.KIND)
             record = {k: v.decode() for k, v in zip(fields, connection.hmget(keys.job(job_id), *fields)) if v}
             if self._take_off_queue(job_id, record):
                 message = f"waited longer than {self.settings.max_queue_wait_s:g} s in the queue"
-                self._end_here(job_id, JobState.failed, Error("TIMEOUT", message))
+                self._end_here(job_id, JobState.failed, Error("TIMEOUT", message), record.get(jobs.KIND) or "inference")
                 ended += 1
         return ended
 

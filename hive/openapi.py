@@ -103,6 +103,27 @@ def openapi_schema() -> dict:
                 }
             },
             "/v1/workers": {"get": {"responses": {"200": _json({"type": "object"}, "live workers"), **auth}}},
+            "/v1/jobs": {
+                "get": {
+                    "parameters": [
+                        {"name": "state", "in": "query", "required": False, "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
+                    ],
+                    "responses": {"200": _json({"type": "object"}, "the newest jobs"), "422": _error("bad state or limit"), **auth},
+                }
+            },
+            "/v1/queues": {"get": {"responses": {"200": _json({"type": "object"}, "queues and their lengths"), **auth}}},
+            "/v1/queues/{name}/purge": {
+                "post": {
+                    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json({"type": "object"}, "every waiting job cancelled"),
+                        "403": _error("not an admin key"),
+                        "404": _error("not this cluster's queue"),
+                        **auth,
+                    },
+                }
+            },
             "/v1/models": {"get": {"responses": {"200": _json({"type": "object"}, "models held by workers and the hive"), **auth}}},
             "/v1/models/pull": {
                 "post": {

@@ -46,6 +46,13 @@ def queued_for_model(queue: str, model: str) -> str:
     return f"{PREFIX}:queued:{queue}:{model}"
 
 
+def jobs_index(queue: str) -> str:
+    """Sorted set: every job submitted to ``queue``, scored by submit time, for
+    listing jobs (``GET /v1/jobs``). Each submit drops the entries older than
+    the job TTL and refreshes the key's TTL, so it expires like the jobs it lists."""
+    return f"{PREFIX}:jobs:{queue}"
+
+
 #: Sorted set of running jobs, scored by the time their worker's lease runs out.
 #: Workers renew the lease every LEASE_RENEW_S; a hive that finds a lease older than
 #: LEASE_S treats the worker as lost. Emptied as jobs end (and refreshed with JOB_TTL_S).

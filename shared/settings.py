@@ -53,6 +53,8 @@ class Settings:
     #: Worker: how long a model stays loaded after its last job (a request's
     #: keep_alive overrides it); negative: until evicted.
     keep_alive_s: float = 300.0
+    #: Worker: serve its Prometheus metrics on this port (0: off).
+    metrics_port: int = 0
     #: Hive: the hub that ``/hub`` mirrors (pulls through on a miss); "" serves no ``/hub``.
     hub_upstream: str = "https://huggingface.co"
     #: Hive: the Hugging Face cache folder ``/hub`` serves and fills; "": huggingface_hub's

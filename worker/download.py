@@ -147,6 +147,7 @@ def fetch_model(
     emit: Callable[[Download], None],
     check: Callable[[], None] = lambda: None,
     check_weights: Callable[[int], None] = lambda n: None,
+    on_downloaded: Callable[[int, float], None] = lambda nbytes, seconds: None,
 ) -> Path:
     """Downloads what is missing from the hub cache and returns the snapshot folder.
 
@@ -154,6 +155,9 @@ def fetch_model(
     ``check`` runs between chunks and files; what it raises stops the download.
     ``check_weights`` gets the hub's byte count of the safetensors weights before
     anything is downloaded (what it raises, a model too large, stops it there).
+    ``on_downloaded(bytes, seconds)`` hears of each download from the hub this
+    worker made, whatever its end (not of files it found cached or another
+    worker fetched).
     """
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
@@ -200,7 +204,7 @@ def fetch_model(
             elif (followed.bytes_downloaded, followed.files_done) != (size, len(files)):
                 emit(Download(followed.file, size, size, len(files), len(files)))  # end at full size
             return Path(next(iter(cached.values()))).parent
-        return _download_missing(repo_id, info.sha, files, cached, lock.publish, check)
+        return _download_missing(repo_id, info.sha, files, cached, lock.publish, check, on_downloaded)
 
 
 def _in_cache(repo_id: str, commit: str, files: list[RemoteFile]) -> dict[str, str | None]:
@@ -218,25 +222,30 @@ def _download_missing(
     cached: dict[str, str | None],
     emit: Callable[[Download], None],
     check: Callable[[], None],
+    on_downloaded: Callable[[int, float], None],
 ) -> Path:
     from huggingface_hub import constants, hf_hub_download
 
     constants.DOWNLOAD_CHUNK_SIZE = HUB_CHUNK_BYTES
     progress = DownloadProgress(files, emit, check=check)
     progress.add_present([f for f in files if cached[f.name]])
+    present, started = progress.bytes_downloaded, time.monotonic()
     folder: Path | None = None
-    for f in files:
-        if cached[f.name]:
-            continue
-        check()
-        progress.start_file(f.name)
-        sink = functools.partial(_ByteSink, progress.add_bytes)
-        try:
-            path = hf_hub_download(repo_id, f.name, revision=commit, tqdm_class=sink)  # type: ignore[arg-type]
-        except Exception as e:
-            check()  # a cancel stops the download with the cancel, not as a failure
-            raise DownloadFailed(f"{repo_id}/{f.name}: {e}") from e
-        folder = Path(path).parent
-        progress.finish_file()
+    try:
+        for f in files:
+            if cached[f.name]:
+                continue
+            check()
+            progress.start_file(f.name)
+            sink = functools.partial(_ByteSink, progress.add_bytes)
+            try:
+                path = hf_hub_download(repo_id, f.name, revision=commit, tqdm_class=sink)  # type: ignore[arg-type]
+            except Exception as e:
+                check()  # a cancel stops the download with the cancel, not as a failure
+                raise DownloadFailed(f"{repo_id}/{f.name}: {e}") from e
+            folder = Path(path).parent
+            progress.finish_file()
+    finally:
+        on_downloaded(progress.bytes_downloaded - present, time.monotonic() - started)
     assert folder is not None
     return folder

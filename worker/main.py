@@ -31,6 +31,8 @@ def run_worker(settings: Settings) -> None:
     # already holds the job's model; then the cluster's queue, shared by all.
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
     rq_worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=runtime.name)
+    if settings.metrics_port:
+        runtime.metrics.serve(settings.metrics_port)  # before taking jobs: a port in use stops the worker here
     runtime.presence.start()
     log.info("worker %s ready on %s, budget %.0f MiB: %r", runtime.name, runtime.device, runtime.models.budget_bytes / 2**20, settings)
     try:

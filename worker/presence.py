@@ -28,6 +28,9 @@ from .models import ModelCache, device_memory
 
 log = logging.getLogger(__name__)
 
+#: How long a cache delete waits for the model's download lock.
+DELETE_WAIT_S = 5.0
+
 
 def cached_models() -> list[dict]:
     """The models in this machine's hub cache (HF_HOME), by the refs they were fetched at."""
@@ -156,7 +159,9 @@ class Presence:
         taken = []
         try:
             for lock in locks:
-                lock.acquire(blocking=False)
+                # Another worker of this cache deleting it holds the lock a moment; one
+                # downloading it, longer: then this delete gives way.
+                lock.acquire(timeout=DELETE_WAIT_S)
                 taken.append(lock)
             shutil.rmtree(repo.repo_path, ignore_errors=True)  # another worker of this cache may be at it
             log.info("deleted %s from the hub cache (%.1f MiB)", repo.repo_id, repo.size_on_disk / 2**20)

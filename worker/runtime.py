@@ -24,6 +24,7 @@ from .cancel import CancelWatcher, JobCancelled
 from .lease import JobLease
 from .download import fetch_model
 from .generate import SamplingParams, generate_tokens
+from .metrics import MeasuredReporter, WorkerMetrics
 from .models import LoadedModel, ModelCache, resolve_devices
 from .presence import Presence
 from .reporter import JobReporter
@@ -83,6 +84,7 @@ class WorkerRuntime:
         self.cancels = CancelWatcher(connection)
         self.lease = JobLease(connection, settings.job_ttl_s)
         self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s)
+        self.metrics = WorkerMetrics(self.name, placement, settings.queue)
         #: The current job's model and its keep_alive, until the job lets it go.
         self._holding: tuple[LoadedModel, float | None] | None = None
         self._idle = True
@@ -94,7 +96,8 @@ class WorkerRuntime:
         try:
             self.presence.busy(job_id)
             queue, model = self.settings.queue, str(spec.get("model", ""))
-            reporter = JobReporter(
+            reporter = MeasuredReporter(
+                self.metrics,
                 self.redis,
                 job_id,
                 self.settings.job_ttl_s,
@@ -177,7 +180,7 @@ class WorkerRuntime:
         message = f"the worker lost its connection to Redis mid-job for {outage_s:.1f} s"
         log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job_id, outage_s)
         # A fresh reporter re-reads where the log stands: some events may not have made it.
-        reporter = JobReporter(self.redis, job_id, self.settings.job_ttl_s)
+        reporter = MeasuredReporter(self.metrics, self.redis, job_id, self.settings.job_ttl_s)
         reporter.finish(
             Error("REDIS_UNAVAILABLE", message),
             JobState.failed,
@@ -195,7 +198,12 @@ class WorkerRuntime:
         # on the device (stored in fp32, loaded in half precision) exceeds the budget;
         # the exact check, from the safetensors headers, comes before loading.
         folder = fetch_model(
-            request.model, request.revision, reporter.emit, self._check, lambda n: self.models.check_fits(request.model, n // 2)
+            request.model,
+            request.revision,
+            reporter.emit,
+            self._check,
+            lambda n: self.models.check_fits(request.model, n // 2),
+            self.metrics.downloaded,
         )
         self._check()
         reporter.update(JobState.loading)
@@ -206,12 +214,13 @@ class WorkerRuntime:
             self._check()
 
         loaded = self.models.load(request.model, request.revision, folder, on_layer)
+        self.metrics.model_loaded(loaded.load_ms)
         return loaded, False, loaded.load_ms
 
     def _pull(self, request: PullRequest, reporter: JobReporter) -> None:
         reporter.update(JobState.downloading)
         self.presence.phase("downloading")
-        fetch_model(request.model, request.revision, reporter.emit, self._check)
+        fetch_model(request.model, request.revision, reporter.emit, self._check, on_downloaded=self.metrics.downloaded)
         reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{jobs.TOKENS_OUT: 0, jobs.STOP_REASON: "pulled"})
 
     def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
