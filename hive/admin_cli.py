@@ -13,9 +13,8 @@ serve (5xx). httpx is imported only when a command runs: ``hive --help`` stays f
 
 from __future__ import annotations
 
-import json
 import time
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 from urllib.parse import quote
 
 import typer
@@ -24,6 +23,18 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from shared.settings import DEFAULT_PORT
+
+from .admin_client import HiveApi, execute
+from .admin_tables import (
+    ago,
+    out,
+    print_json,
+    queue_table,
+    size,
+    status_table,
+    styled,
+    workers_table,
+)
 
 if TYPE_CHECKING:
     from .client import StreamView
@@ -36,100 +47,6 @@ ApiKey = Annotated[str, typer.Option("--api-key", envvar="HIVE_API_KEY", help="A
 AsJson = Annotated[bool, typer.Option("--json", help="Print the hive's JSON answer on stdout.")]
 JobId = Annotated[str, typer.Argument(help="The job's id (as `hive jobs ls` shows it).", show_default=False)]
 ModelId = Annotated[str, typer.Argument(help="Hub repo id (org/name).", show_default=False)]
-
-STATE_STYLES = {
-    "queued": "dim", "downloading": "blue", "loading": "blue", "running": "cyan",
-    "completed": "green", "failed": "red", "cancelled": "yellow",
-    "idle": "green", "busy": "cyan",
-}  # fmt: skip
-
-
-class HiveApi:
-    """One command's connection to a hive: answers as JSON, failures as the
-    client's ClientError carrying the exit code."""
-
-    def __init__(self, url: str, api_key: str):
-        import httpx
-
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0))
-
-    def call(self, method: str, path: str, not_found: str = "", answers: tuple[int, ...] = (), **kwargs) -> dict:
-        """``not_found``: the message for a 404; ``answers``: error statuses whose
-        JSON is an answer (the 503 of an unhealthy ``/health``)."""
-        import httpx
-
-        from .client import EXIT_REJECTED, EXIT_UNREACHABLE, ClientError, api_error_message
-
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise ClientError(f"cannot reach the hive at {self.url} ({e}); is `hive serve` or `hive up` running?", EXIT_UNREACHABLE) from e
-        if response.status_code < 400 or response.status_code in answers:
-            return response.json()
-        if response.status_code == 404 and not_found:
-            raise ClientError(not_found, EXIT_REJECTED)
-        if response.status_code >= 500:
-            raise ClientError(f"the hive cannot serve: {api_error_message(response)}", EXIT_UNREACHABLE)
-        raise ClientError(f"rejected: {api_error_message(response)}", EXIT_REJECTED)
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def _execute(url: str, api_key: str, action: Callable[[HiveApi, Console], Optional[int]]) -> None:
-    """Runs one command against the hive and exits with its code; a failure is one
-    readable line on stderr, never a traceback."""
-    from .client import ClientError
-
-    err = Console(stderr=True)
-    api = HiveApi(url, api_key)
-    try:
-        code = action(api, err) or 0
-    except ClientError as e:
-        err.print(Text(str(e), style="red"))
-        code = e.exit_code
-    finally:
-        api.close()
-    raise typer.Exit(code)
-
-
-def _print_json(answer: object) -> None:
-    typer.echo(json.dumps(answer, indent=2))
-
-
-def _out(*renderables) -> None:
-    console = Console()
-    if not console.is_terminal:  # piped: rows as long as they need, no ellipses
-        console.width = max(console.width, 240)
-    console.print(*renderables)
-
-
-def _styled(value: object) -> Text:
-    """A table cell; text from the hive is never read as rich markup."""
-    text = "-" if value is None or value == "" or value == [] else str(value)
-    return Text(text, style=STATE_STYLES.get(text, ""))
-
-
-def _ago(timestamp: float | None) -> str:
-    if not timestamp:
-        return "-"
-    seconds = max(0.0, time.time() - timestamp)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
-def _size(n: float | None) -> str:
-    if not n:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
 
 def _job_view(err: Console) -> StreamView:
     """client.StreamView, which ends a pull job (no tokens) with a line of its own."""
@@ -182,45 +99,12 @@ def status(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False
             answer["workers"] = api.call("GET", "/v1/workers")["workers"]
             answer.update(api.call("GET", "/v1/queues"))
         if as_json:
-            _print_json(answer)
+            print_json(answer)
         else:
-            _status_table(answer)
+            status_table(answer)
         return 0 if health.get("status") == "ok" else EXIT_UNHEALTHY
 
-    _execute(url, api_key, action)
-
-
-def _status_table(answer: dict) -> None:
-    health = answer["health"]
-    grid = Table.grid(padding=(0, 2))
-    grid.add_row("hive", Text(f"{answer['url']} · ", style="bold").append(_styled(health.get("status"))))
-    grid.add_row("redis", _styled(health.get("redis")))
-    if "workers" in answer:
-        workers = answer["workers"]
-        states = sorted({w["state"] for w in workers})
-        summary = ", ".join(f"{sum(w['state'] == s for w in workers)} {s}" for s in states)
-        grid.add_row("workers", Text(f"{len(workers)} live" + (f": {summary}" if summary else "")))
-        shared, *own = answer["queues"]
-        on_own = sum(q["length"] for q in own)
-        grid.add_row("queue", Text(f"{shared['name']}: {shared['length']} waiting, {on_own} on workers' own queues"))
-        grid.add_row("streams", Text(f"{health.get('followers', 0)} followers on this hive"))
-    _out(grid)
-    if answer.get("workers"):
-        _out(_workers_table(answer["workers"]))
-
-
-# hive workers
-
-
-def _workers_table(workers: list[dict]) -> Table:
-    columns = (Column("worker", no_wrap=True), "device", "state", "job", Column("memory", no_wrap=True), "models loaded", "heartbeat")
-    table = Table(*columns, box=None)
-    for w in workers:
-        memory = f"{_size(w['memory']['used'])} / {_size(w['memory']['budget'])}"
-        models = ", ".join(m["model"] for m in w["models"])
-        table.add_row(_styled(w["id"]), _styled(w["device"]), _styled(w["state"]), _styled(w.get("current_job")),
-                      memory, _styled(models), _ago(w["last_heartbeat"]))  # fmt: skip
-    return table
+    execute(url, api_key, action)
 
 
 def workers_ls(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False) -> None:
@@ -229,13 +113,13 @@ def workers_ls(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = F
     def action(api: HiveApi, err: Console) -> None:
         answer = api.call("GET", "/v1/workers")
         if as_json:
-            _print_json(answer)
+            print_json(answer)
         elif answer["workers"]:
-            _out(_workers_table(answer["workers"]))
+            out(workers_table(answer["workers"]))
         else:
             err.print("no live workers")
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 # hive jobs
@@ -259,17 +143,17 @@ def jobs_ls(
         params: dict = {"limit": limit} | ({"state": state} if state else {})
         answer = api.call("GET", "/v1/jobs", params=params)
         if as_json:
-            return _print_json(answer)
+            return print_json(answer)
         if not answer["jobs"]:
             return err.print("no jobs")
         table = Table(Column("job", no_wrap=True), "kind", "state", "model", "worker", "created", "tokens", "end", box=None)
         for job in answer["jobs"]:
             end = job.get("error", {}).get("code") or job.get("stop_reason")
-            table.add_row(job["job_id"], job["kind"], _styled(job["state"]), _styled(job["model"]),
-                          _styled(job["worker"]), _ago(job["created_at"]), _styled(job["tokens_out"]), _styled(end))  # fmt: skip
-        _out(table)
+            table.add_row(job["job_id"], job["kind"], styled(job["state"]), styled(job["model"]),
+                          styled(job["worker"]), ago(job["created_at"]), styled(job["tokens_out"]), styled(end))  # fmt: skip
+        out(table)
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def jobs_show(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False) -> None:
@@ -278,14 +162,14 @@ def jobs_show(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_js
     def action(api: HiveApi, err: Console) -> None:
         job = api.call("GET", f"/v1/inference/{job_id}", not_found=_no_such_job(job_id))
         if as_json:
-            return _print_json(job)
+            return print_json(job)
         grid = Table.grid(padding=(0, 2))
         grid.add_row("job", Text(f"{job['job_id']} ({job['kind']}, attempt {job['attempt']})"))
-        grid.add_row("state", _styled(job["state"]))
+        grid.add_row("state", styled(job["state"]))
         grid.add_row("model", Text(f"{job['model']}@{job['revision'] or 'main'}"))
-        grid.add_row("worker", _styled(job["worker"]))
+        grid.add_row("worker", styled(job["worker"]))
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"])) if job["created_at"] else "-"
-        grid.add_row("created", f"{created} ({_ago(job['created_at'])})")
+        grid.add_row("created", f"{created} ({ago(job['created_at'])})")
         names = {"queue_ms": "queue", "load_ms": "load", "ttft_ms": "first token", "decode_time_ms": "decode", "total_ms": "total"}
         timings = " · ".join(f"{names[k]} {v:.0f} ms" for k, v in job["timings"].items() if v is not None)
         grid.add_row("timings", timings or "-")
@@ -293,12 +177,12 @@ def jobs_show(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_js
             grid.add_row("tokens", f"{job['prompt_tokens'] or 0} in · {job['tokens_out'] or 0} out · stop: {job['stop_reason'] or '-'}")
         if "error" in job:
             grid.add_row("error", Text(f"{job['error']['code']}: {job['error']['message']}", style="red"))
-        _out(grid)
+        out(grid)
         if "output" in job:
-            _out(Text("output", style="bold"))
+            out(Text("output", style="bold"))
             typer.echo(job["output"])
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def jobs_tail(
@@ -314,7 +198,7 @@ def jobs_tail(
         err.print(Text(f"job {job_id} ({job['kind']}, {job['state']})", style="dim"))
         return _follow(api, job_id, err, from_id)
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def jobs_cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False) -> None:
@@ -323,13 +207,13 @@ def jobs_cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_
     def action(api: HiveApi, err: Console) -> None:
         answer = api.call("DELETE", f"/v1/inference/{job_id}", not_found=_no_such_job(job_id))
         if as_json:
-            return _print_json(answer)
+            return print_json(answer)
         if answer["state"] == "cancelled":
             err.print(f"job {job_id} cancelled")
         else:
             err.print(f"job {job_id} cancelling: its worker stops it within a token, a chunk or a layer")
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 # hive models
@@ -341,16 +225,16 @@ def models_ls(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = Fa
     def action(api: HiveApi, err: Console) -> None:
         answer = api.call("GET", "/v1/models")
         if as_json:
-            return _print_json(answer)
+            return print_json(answer)
         if not answer["data"]:
             return err.print("no models loaded or cached")
         table = Table("model", "revisions", "size", "loaded on", "cached on", box=None)
         for m in answer["data"]:
-            table.add_row(_styled(m["id"]), _styled(", ".join(m["revisions"])), _size(m["size_bytes"]),
-                          _styled(", ".join(m["loaded_on"])), _styled(", ".join(m["cached_on"])))  # fmt: skip
-        _out(table)
+            table.add_row(styled(m["id"]), styled(", ".join(m["revisions"])), size(m["size_bytes"]),
+                          styled(", ".join(m["loaded_on"])), styled(", ".join(m["cached_on"])))  # fmt: skip
+        out(table)
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def _model_id(model: str) -> str:
@@ -375,7 +259,7 @@ def models_pull(
         err.print(Text(f"job {job['job_id']}", style="dim"))
         return _follow(api, job["job_id"], err)
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def models_rm(model: ModelId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False) -> None:
@@ -385,21 +269,13 @@ def models_rm(model: ModelId, url: Url = DEFAULT_URL, api_key: ApiKey = "", as_j
     def action(api: HiveApi, err: Console) -> None:
         answer = api.call("DELETE", path, not_found=f"no worker has {model} loaded or cached")
         if as_json:
-            return _print_json(answer)
+            return print_json(answer)
         err.print(Text(f"deleting {model} from {', '.join(answer['deleting_on']) or 'no cache'}"))
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 # hive queue
-
-
-def _queue_table(answer: dict) -> Table:
-    table = Table("queue", "worker", "waiting", box=None, caption=f"{answer['waiting']} jobs waiting in all", caption_justify="left")
-    for q in answer["queues"]:
-        worker = "(shared)" if q["worker"] is None else q["worker"] + ("" if q["worker_alive"] else " (gone)")
-        table.add_row(_styled(q["name"]), _styled(worker), str(q["length"]))
-    return table
 
 
 def queue_ls(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = False) -> None:
@@ -408,10 +284,10 @@ def queue_ls(url: Url = DEFAULT_URL, api_key: ApiKey = "", as_json: AsJson = Fal
     def action(api: HiveApi, err: Console) -> None:
         answer = api.call("GET", "/v1/queues")
         if as_json:
-            return _print_json(answer)
-        _out(_queue_table(answer))
+            return print_json(answer)
+        out(queue_table(answer))
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def queue_purge(
@@ -439,14 +315,14 @@ def queue_purge(
                 return EXIT_DECLINED
         results = [api.call("POST", f"/v1/queues/{quote(q['name'], safe=':,@')}/purge") for q in chosen]
         if as_json:
-            return _print_json({"purged": results})
+            return print_json({"purged": results})
         for r in results:
             skipped = f", {len(r['skipped'])} skipped (no Hive job, or already finished)" if r["skipped"] else ""
             err.print(Text(f"{r['queue']}: {len(r['cancelled'])} cancelled, {len(r['cancelling'])} cancelling{skipped}"))
         if not results:
             err.print("nothing waiting")
 
-    _execute(url, api_key, action)
+    execute(url, api_key, action)
 
 
 def register(app: typer.Typer) -> None:

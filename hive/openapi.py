@@ -30,6 +30,32 @@ JOB_ID = {
 }
 
 
+def _openai_operation(own: dict, required: list[str]) -> dict:
+    """OpenAI's request shape, as far as Hive reads it (errors in OpenAI's shape too)."""
+    common = {
+        "model": {"type": "string"},
+        "stream": {"type": "boolean"},
+        "max_tokens": {"type": "integer"},
+        "temperature": {"type": "number"},
+        "top_p": {"type": "number"},
+        "seed": {"type": "integer"},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    }
+    body = {"type": "object", "required": required, "properties": {**common, **own}}
+    return {
+        "post": {
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "200": _json({"type": "object"}, "the completion, or with stream: OpenAI's SSE chunks"),
+                "400": _json({"type": "object"}, "invalid request"),
+                "401": _json({"type": "object"}, "missing or invalid API key"),
+                "404": _json({"type": "object"}, "model not found"),
+                "429": _json({"type": "object"}, "queue full"),
+            },
+        }
+    }
+
+
 @cache
 def openapi_schema() -> dict:
     request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -102,6 +128,11 @@ def openapi_schema() -> dict:
                     },
                 }
             },
+            "/v1/chat/completions": _openai_operation(
+                {"messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}},
+                ["model", "messages"],
+            ),
+            "/v1/completions": _openai_operation({"prompt": {"type": "string"}}, ["model", "prompt"]),
             "/v1/workers": {"get": {"responses": {"200": _json({"type": "object"}, "live workers"), **auth}}},
             "/v1/jobs": {
                 "get": {
