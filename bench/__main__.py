@@ -1,0 +1,116 @@
+"""All the benchmarks, side by side, in one command: one summary table of each
+figure next to its target, written to the "## Summary" section of docs/benchmarks.md.
+
+    python -m bench                            # every benchmark, small defaults
+    python -m bench --only load,download,redis --no-write
+
+Each benchmark also writes its own section (unless --no-write). ``relay`` and
+``fleet`` run as their own processes (``python -m bench.relay`` /
+``bench.fleet`` with small round counts) and their verdict lines are read back;
+``load``, ``download`` and ``redis`` are called in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+
+from bench import download, load, redis_cmds
+from bench.doc import replace_section
+from bench.figure import Figure
+
+#: name → the command line of each benchmark, with this suite's small defaults.
+COMMANDS = {
+    "relay": ["python", "-m", "bench.relay", "--runs", "5", "--ttft-runs", "8"],
+    "fleet": ["python", "-m", "bench.fleet", "--runs", "2", "--jobs", "60"],
+    "load": ["python", "-m", "bench.load", "--rounds", "7"],
+    "download": ["python", "-m", "bench.download", "--rounds", "5"],
+    "redis": ["python", "-m", "bench.redis_cmds", "--rounds", "3", "--tokens", "200"],
+}
+IN_PROCESS = {"load": load.main, "download": download.main, "redis": redis_cmds.main}
+
+
+def relay_figures(stdout: str) -> list[Figure]:
+    figures = []
+    for m in re.finditer(r"- (\S+): throughput ratio ([\d.]+)× — target ≥ 0\.95× (met|MISSED)", stdout):
+        figures.append(Figure("relay", f"tokens/s through the hive / in process, {m[1]}", "≥ 0.95×", f"{m[2]}×", m[3] == "met"))
+    for m in re.finditer(r"- (\S+): throughput.*\n\s+Added TTFT ([+\-\d.]+) ms — target ≤ \+20 ms (met|MISSED)", stdout):
+        figures.append(Figure("relay", f"added warm TTFT, {m[1]}", "≤ +20 ms", f"{m[2]} ms", m[3] == "met"))
+    return figures
+
+
+def fleet_figures(stdout: str) -> list[Figure]:
+    figures = []
+    for m in re.finditer(r"- Load (\d+%): (\d+) of (\d+) jobs waited more than (\d+) ms while a worker was idle \(target 0: (met|MISSED)\)", stdout):
+        figures.append(Figure("fleet", f"jobs waiting > {m[4]} ms while a worker was idle, load {m[1]}", "0", f"{m[2]} of {m[3]}", m[5] == "met"))
+    if m := re.search(r"- Warm TTFT (\d+) ms; cold (\d+) ms when cached on disk", stdout):
+        figures.append(Figure("fleet", "warm / cold (cached) TTFT, 135M", "report", f"{m[1]} / {m[2]} ms", None))
+    return figures
+
+
+def run_subprocess(name: str, write: bool) -> list[Figure]:
+    command = [sys.executable, *COMMANDS[name][1:]] + ([] if write else ["--no-write"])
+    print(f"== {name}: {' '.join(COMMANDS[name])}", file=sys.stderr)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    print(done.stdout)
+    figures = (relay_figures if name == "relay" else fleet_figures)(done.stdout)
+    if done.returncode or not figures:
+        figures.append(Figure(name, f"the run (exit {done.returncode})", "completes", "no figures read" if not figures else "failed", False))
+    return figures
+
+
+def run_in_process(name: str, write: bool) -> list[Figure]:
+    argv = COMMANDS[name][3:] + ([] if write else ["--no-write"])
+    print(f"== {name}: {' '.join(COMMANDS[name])}", file=sys.stderr)
+    return IN_PROCESS[name](argv)
+
+
+def table(figures: list[Figure]) -> str:
+    verdict = {True: "met", False: "**MISSED**", None: "(reported)"}
+    return "\n".join(
+        ["| benchmark | figure | target | measured | met? |", "| --- | --- | --- | --- | --- |"]
+        + [f"| {f.benchmark} | {f.figure} | {f.target} | {f.measured} | {verdict[f.met]} |" for f in figures]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(COMMANDS), help=f"comma-separated, of: {', '.join(COMMANDS)}")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    selected = args.only.split(",")
+    unknown = set(selected) - set(COMMANDS)
+    if unknown:
+        parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
+    write = not args.no_write
+    figures: list[Figure] = []
+    started = time.monotonic()
+    for name in selected:
+        figures += run_in_process(name, write) if name in IN_PROCESS else run_subprocess(name, write)
+    summary = table(figures)
+    print("\n" + summary)
+    if write:
+        from bench.relay import machine
+
+        command = "python -m bench" + ("" if selected == list(COMMANDS) else f" --only {','.join(selected)}")
+        section = f"""## Summary
+
+Command: `{command}` ({(time.monotonic() - started) / 60:.0f} min). Machine: {machine()}.
+Measured {time.strftime('%Y-%m-%d')}.
+
+Each figure next to its target; the sections below give each benchmark's method, its full
+table and the spread (medians, min–max). The benchmarks ran one after the other with these
+commands: {'; '.join(f"`{' '.join(COMMANDS[n])}`" for n in selected)}.
+
+{summary}
+"""
+        replace_section("Summary", section)
+    if any(f.met is False for f in figures):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
