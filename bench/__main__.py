@@ -2,12 +2,12 @@
 figure next to its target, written to the "## Summary" section of docs/benchmarks.md.
 
     python -m bench                            # every benchmark, small defaults
-    python -m bench --only load,download,redis --no-write
+    python -m bench --only load,download,redis,submit --no-write
 
 Each benchmark also writes its own section (unless --no-write). ``relay`` and
 ``fleet`` run as their own processes (``python -m bench.relay`` /
 ``bench.fleet`` with small round counts) and their verdict lines are read back;
-``load``, ``download`` and ``redis`` are called in this process.
+``load``, ``download``, ``redis``, ``fanout`` and ``submit`` are called in this process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from bench import download, load, redis_cmds
+from bench import download, fanout, load, redis_cmds, submit
 from bench.doc import replace_section
 from bench.figure import Figure
 
@@ -29,8 +29,10 @@ COMMANDS = {
     "load": ["python", "-m", "bench.load", "--rounds", "7"],
     "download": ["python", "-m", "bench.download", "--rounds", "5"],
     "redis": ["python", "-m", "bench.redis_cmds", "--rounds", "3", "--tokens", "200"],
+    "fanout": ["python", "-m", "bench.fanout", "--rounds", "3", "--seconds", "5"],
+    "submit": ["python", "-m", "bench.submit", "--rounds", "3", "--seconds", "4"],
 }
-IN_PROCESS = {"load": load.main, "download": download.main, "redis": redis_cmds.main}
+IN_PROCESS = {"load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main}
 
 
 def relay_figures(stdout: str) -> list[Figure]:

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hive.openai")
 
+DONE_LINE = DONE_FRAME.strip()  # b"data: [DONE]"
+
 #: OpenAI's default is "until the model stops or its context is full": Hive's own
 #: limit, which the worker lowers to what the model's context leaves after the prompt.
 DEFAULT_MAX_TOKENS = next(m.le for m in InferenceRequest.model_fields["max_tokens"].metadata if hasattr(m, "le"))
@@ -224,16 +226,15 @@ def parse(body: object, params_type: type[CommonParams]) -> tuple[CommonParams, 
 
 async def job_events(hive: Hive, job_id: str) -> AsyncIterator[tuple[str, dict]]:
     """The job's events as ``(type, fields)`` until its stream ends (``end``, ``error``,
-    or an id-less ``error`` that ends the stream only). The relay's frames are
-    ``shared.events.sse_frame``'s: one ``data:`` line holding the JSON. The job is
-    cancelled when its last follower leaves before the end."""
-    async with contextlib.aclosing(hive.relay.follow(job_id, 0, hive.jobs.cancel)) as frames:
-        async for frame in frames:
-            if frame == DONE_FRAME:
-                continue
-            data = next(line[6:] for line in frame.split(b"\n") if line.startswith(b"data: "))
-            event = json.loads(data)
-            yield event["event"], event
+    or an id-less ``error`` that ends the stream only). The relay's chunks hold one
+    or more ``shared.events.sse_frame``s, each with one ``data:`` line holding the
+    JSON. The job is cancelled when its last follower leaves before the end."""
+    async with contextlib.aclosing(hive.relay.follow(job_id, 0, hive.jobs.cancel)) as chunks:
+        async for chunk in chunks:  # one or more frames
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data: ") and line != DONE_LINE:
+                    event = json.loads(line[6:])
+                    yield event["event"], event
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ class EventRelay:
         self, job_id: str, last_id: int = 0, on_abandon: Callable[[str], Awaitable] | None = None
     ) -> AsyncIterator[bytes]:
         """SSE frames of the job after ``last_id``, ending with ``[DONE]`` after
-        the terminal event. ``on_abandon(job_id)`` runs when the last follower of
+        the terminal event; the frames ready at once come as one chunk. ``on_abandon(job_id)`` runs when the last follower of
         an unfinished job goes away (``cancel_on_disconnect``).
 
         If Redis goes away the stream ends with an ``error`` frame that has no id
@@ -214,23 +214,30 @@ class EventRelay:
                     yield DONE_FRAME
                     return
                 gap = False
+                # The frames ready now go out as one chunk: one send (one syscall) for
+                # all of them, not one per frame and follower (bench/fanout.py).
+                batch: list[bytes] = []
                 for seq, type_, frame in pending:
                     if seq <= last:
                         if type_ in TERMINAL_TYPES:  # the client is past the end already
                             finished = True
-                            yield DONE_FRAME
-                            return
+                            break
                         continue  # already sent: it came from the log, then again live
                     if seq > last + 1 and not from_log:
                         gap = True  # a live frame ahead of us: the log has what is between
                         break
                     if type_ in TERMINAL_TYPES:
                         finished = True
-                    yield frame
+                    batch.append(frame)
                     last = seq
                     if finished:
-                        yield DONE_FRAME
-                        return
+                        break
+                if finished:
+                    batch.append(DONE_FRAME)
+                if batch:
+                    yield b"".join(batch)
+                if finished:
+                    return
                 if gap:
                     pending, from_log = await self.read_log(job_id, last), True
                     continue
