@@ -378,7 +378,11 @@ send and one syscall per batch instead of per frame; (2) drop sse-starlette's pe
 follower queue already marks `lagging`), or serve the pre-encoded frames from a plain ASGI
 streaming response; (3) run uvicorn with `httptools` and `uvloop` (`uvicorn[standard]`)
 instead of h11 and the default loop; (4) more than one hive process behind the same port
-(`--workers`, or several hives; the relay is per process) to use more than one core."""
+(`--workers`, or several hives; the relay is per process) to use more than one core.
+
+Applied since: (1), the coalescing (hive/relay.py), and hiredis for Redis replies. Before them,
+measured with the submit benchmark running beside: 15,068 events/s delivered, p99 3,099 ms; the
+figures above are after, on a quiet machine. Left: (2)–(4)."""
 
 
 if __name__ == "__main__":
