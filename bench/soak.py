@@ -189,7 +189,11 @@ def main() -> None:
             deadline = time.monotonic() + TTL_S + 30
             while time.monotonic() < deadline and any(connection.scan_iter("hive:job:*", count=1000)):
                 time.sleep(1)
-            hive_keys = sorted(k.decode() for k in connection.scan_iter("hive:*"))
+            # The surviving worker's presence (its heartbeat hash, the queue's worker
+            # set) is alive, not left over: it expires WORKER_DEAD_AFTER_S after the worker.
+            presence = {keys.workers(keys.DEFAULT_QUEUE)} | {keys.worker(n.decode()) for n in connection.zrange(keys.workers(keys.DEFAULT_QUEUE), 0, -1)}
+            hive_keys = sorted(k for k in (k.decode() for k in connection.scan_iter("hive:*")) if k not in presence)
+            live_presence = sorted(presence & {k.decode() for k in connection.scan_iter("hive:*")})
             rq_jobs = sum(1 for _ in connection.scan_iter("rq:job:*"))
         finally:
             for proc in (*workers, hive, hub_proc, redis_proc):
@@ -203,6 +207,7 @@ def main() -> None:
         "worker killed after job": killed["at"],
         "scenarios and checks": dict(sorted(stats.items())),
         "hive keys left after TTLs": hive_keys,
+        "live worker presence keys (not counted: they expire with the worker)": live_presence,
         "rq:job keys left (RQ's own, e.g. the killed worker's job)": rq_jobs,
         "RSS MB before": {k: round(v, 1) for k, v in rss_before.items()},
         "RSS MB after": {k: round(v, 1) for k, v in rss_after.items()},
