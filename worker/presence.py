@@ -62,6 +62,7 @@ class Presence:
         self._state = "idle"
         self._job_id = ""
         self._cached = json.dumps(cached_models())
+        self._cache_changed = False
         self._lock = threading.Lock()
         models.on_unload = self._unloaded
         self._thread = threading.Thread(target=self._beat_forever, name="hive-heartbeat", daemon=True)
@@ -120,13 +121,17 @@ class Presence:
         """downloading, loading or busy: what /v1/workers shows during the job."""
         with self._lock:
             self._state = state
+            # Only a job that went to the hub can have changed the cache.
+            self._cache_changed = self._cache_changed or state == "downloading"
         self.beat()
 
     def idle(self) -> None:
         """The job is over: claimable for every model kept, unless jobs already wait
         on the shared queue (it takes the oldest of those next: a new job must not
         overtake them by claiming it)."""
-        cached = json.dumps(cached_models())  # the job may have downloaded one
+        with self._lock:
+            rescan, self._cache_changed = self._cache_changed, False
+        cached = json.dumps(cached_models()) if rescan else self._cached  # a walk of the cache: not after a warm job
         with self._lock:
             self._state, self._job_id, self._cached = "idle", "", cached
         now = time.time()
