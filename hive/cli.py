@@ -75,10 +75,14 @@ def serve(
     hub_upstream: Annotated[str, typer.Option(envvar="HIVE_HUB_UPSTREAM", help="The hub /hub pulls from on a miss.")] = "https://huggingface.co",
     hub_cache: Annotated[str, typer.Option(envvar="HIVE_HUB_CACHE", help="Hugging Face cache folder /hub serves and fills (default: HF_HUB_CACHE).", show_default=False)] = "",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
+    workers: Annotated[int, typer.Option(envvar="HIVE_SERVE_WORKERS", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
+    import functools
+
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from .app import create_app
     from .auth import read_keys
@@ -111,11 +115,27 @@ def serve(
         hub_upstream=hub_upstream if hub else "",
         hub_cache=hub_cache,
     )
-    from .limits import SERVER_MAX_HEAD_BYTES
+    from .http_server import SERVER_OPTIONS
 
-    uvicorn.run(
-        create_app(settings), host=host, port=port, log_level=log_level.lower(), h11_max_incomplete_event_size=SERVER_MAX_HEAD_BYTES
+    config = uvicorn.Config(
+        functools.partial(create_app, settings),
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level.lower(),
+        **SERVER_OPTIONS,
     )
+    if workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:  # as uvicorn.run: the port was taken, or the lifespan failed
+            raise typer.Exit(3)
+        return
+    # uvicorn.run() takes several workers only with an app import string, which
+    # would leave the settings to the environment; its supervisor itself accepts
+    # any picklable factory, so each process gets these settings, parsed once here.
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 @app.command()

@@ -186,7 +186,7 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
 
     from .app import create_app
     from .client import run_prompt
-    from .limits import SERVER_MAX_HEAD_BYTES
+    from .http_server import SERVER_OPTIONS
 
     console = Console(stderr=True)
     if port_in_use(settings.host, settings.port):
@@ -209,7 +209,7 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
                 host=settings.host,
                 port=settings.port,
                 log_level="info" if verbose else "warning",
-                h11_max_incomplete_event_size=SERVER_MAX_HEAD_BYTES,
+                **SERVER_OPTIONS,
             )
         )
 

@@ -1,7 +1,8 @@
 """Submitting jobs and reading their status, on the hive's side of Redis.
 
-Submission writes the job record, the first event (``queued``) and the RQ job in
-one MULTI, so a job is either wholly accepted or not at all.
+Submission checks the depth limits, claims a warm worker and writes the job
+record, the first event (``queued``) and the RQ job in one Lua script: one round
+trip, and a job is either wholly accepted or not at all.
 
 Routing: each worker listens to its own RQ queue, then to the cluster's shared
 one. A job whose model an idle worker already holds goes to that worker's own
@@ -14,6 +15,7 @@ front of the shared queue by the reaper within a second.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -22,8 +24,9 @@ from collections.abc import Callable
 import redis
 import redis.asyncio as aioredis
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 from starlette.concurrency import run_in_threadpool
 
 from shared import events, jobs, keys
@@ -70,22 +73,72 @@ return 1
 """
 
 
-# Claims an idle worker holding a model, in one step: the most recently idle one
-# of the model's idle set that is alive (a heartbeat since ARGV[1]) and not claimed
-# already through another model's set (SET NX on its claim key, ARGV[2] .. name:
-# a worker idle for two models sits in both sets). Dead or claimed entries are
-# dropped on the way; the worker lists itself again when it is idle.
-_CLAIM_IDLE_WORKER = """
-while true do
-  local popped = redis.call('ZPOPMAX', KEYS[1])
-  if #popped == 0 then return false end
-  local name = popped[1]
-  local beat = redis.call('ZSCORE', KEYS[2], name)
-  if beat and tonumber(beat) >= tonumber(ARGV[1]) then
-    if redis.call('SET', ARGV[2] .. name, '1', 'NX', 'PX', ARGV[3]) then return name end
+# Submits a job in one step: the depth checks, the claim of a warm worker, and
+# every write (job record, first event, jobs index, waiting sets, RQ's job and its
+# queue), so a job is either wholly accepted or not at all, in one round trip.
+#
+# The claim: the most recently idle worker of the model's idle set that is alive
+# (a heartbeat since ARGV[4]) and not claimed already through another model's set
+# (SET NX on its claim key, ARGV[5] .. name: a worker idle for two models sits in
+# both sets). Dead or claimed entries are dropped on the way; the worker lists
+# itself again when it is idle. A claimed worker gets the job on its own RQ queue
+# (ARGV[10] .. name) and the job waits behind no one.
+#
+# The keys of a worker's own queue and of RQ's job are built here from prefixes
+# (which worker is claimed is only known here): one Redis, not a cluster.
+# Returns {0, position, worker or ""}, or {1, waiting} / {2, waiting for the model}
+# when a depth limit is reached.
+_SUBMIT = """
+local waiting = redis.call('ZCARD', KEYS[1])
+if waiting >= tonumber(ARGV[1]) then return {1, waiting} end
+local for_model = redis.call('ZCARD', KEYS[2])
+if for_model >= tonumber(ARGV[2]) then return {2, for_model} end
+local worker = ''
+if ARGV[12] == '1' then
+  while true do
+    local popped = redis.call('ZPOPMAX', KEYS[3])
+    if #popped == 0 then break end
+    local name = popped[1]
+    local beat = redis.call('ZSCORE', KEYS[4], name)
+    if beat and tonumber(beat) >= tonumber(ARGV[4]) then
+      if redis.call('SET', ARGV[5] .. name, '1', 'NX', 'PX', ARGV[6]) then worker = name; break end
+    end
   end
 end
+local rq_queue, position = ARGV[9], waiting + 1
+if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
+local now, ttl, job_id = tonumber(ARGV[3]), ARGV[7], ARGV[8]  -- ARGV[3] as sent for the scores
+-- The job's record (ARGV[19]) and RQ's hash (ARGV[20]) come as JSON objects of
+-- strings, RQ's binary fields as pairs after them: a few long arguments cost the
+-- hive far less to send than fifty short ones.
+local function flat(object, into)
+  for field, value in pairs(cjson.decode(object)) do
+    into[#into + 1] = field
+    into[#into + 1] = value
+  end
+  return into
+end
+local record = flat(ARGV[19], {ARGV[15], rq_queue, ARGV[16], position})
+local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 21, #ARGV)})
+redis.call('HSET', KEYS[5], unpack(record))
+redis.call('EXPIRE', KEYS[5], ttl)
+redis.call('XADD', KEYS[6], ARGV[17], 'e', ARGV[18], 'd', ARGV[13] .. position .. ARGV[14])
+redis.call('EXPIRE', KEYS[6], ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - tonumber(ttl))
+redis.call('ZADD', KEYS[7], ARGV[3], job_id)
+redis.call('EXPIRE', KEYS[7], ttl)
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], ARGV[3], job_id)
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+redis.call('HSET', KEYS[8], unpack(rq_fields))
+redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
+redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
+return {0, position, worker}
 """
+
+#: The `queued` event's JSON around its position, which only the submit script knows.
+_QUEUED_HEAD, _QUEUED_TAIL = Queued(-1).to_json().split("-1")
 
 
 class JobService:
@@ -96,90 +149,109 @@ class JobService:
         sync_connection: redis.Redis,
         on_end: Callable[[str, str, str], None] = lambda kind, outcome, code: None,
     ):
-        """``on_end(kind, outcome, code)``: a job the hive itself ended (metrics)."""
+        """``on_end(kind, outcome, code)``: a job the hive itself ended (metrics).
+        Submits run on the event loop (``connection``); the reaper's sweeps, in the
+        thread pool, use ``sync_connection``, as RQ is synchronous."""
         self.settings = settings
         self.on_end = on_end
         self.redis = connection
-        # RQ is synchronous: enqueues run in the thread pool on their own connection pool.
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
+        self._submit = connection.register_script(_SUBMIT)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
-        self._claim = sync_connection.register_script(_CLAIM_IDLE_WORKER)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
-        """Returns (job id, queue position). A PullRequest downloads the model only."""
+        """Returns (job id, queue position). A PullRequest downloads the model only.
+
+        One round trip (the submit script); the hive holds nothing of the job."""
         job_id = uuid.uuid4().hex
-        position = await run_in_threadpool(self._enqueue, job_id, request, owner)
-        return job_id, position
-
-    def _enqueue(self, job_id: str, request: InferenceRequest | PullRequest, owner: str) -> int:
         kind = "pull" if isinstance(request, PullRequest) else "inference"
-        ttl = self.settings.job_ttl_s
-        with self.queue.connection.pipeline(transaction=False) as pipe:
-            pipe.zcard(keys.queued(self.queue.name))
-            pipe.zcard(keys.queued_for_model(self.queue.name, request.model))
-            waiting, waiting_for_model = pipe.execute()
-        # Checked before the MULTI, so concurrent submits can overshoot by a few: a
-        # soft bound on memory and waiting time, not an exact quota.
-        if waiting >= self.settings.max_queue:
-            raise QueueFull(f"{waiting} jobs are waiting (the limit is {self.settings.max_queue})")
-        if waiting_for_model >= self.settings.max_queue_per_model:
-            raise QueueFull(
-                f"{waiting_for_model} jobs for {request.model} are waiting (the limit is {self.settings.max_queue_per_model})"
-            )
-        warm = self._claim_warm_worker(request.model, request.revision) if kind == "inference" else None
-        rq_queue = self.queue if warm is None else self._queue(keys.worker_queue(self.queue.name, warm))
-        position = 1 if warm else waiting + 1  # a warm job waits behind no one
-        queued = Queued(position)
-        with self.queue.connection.pipeline() as pipe:
-            pipe.multi()  # RQ expects a pipeline already in MULTI when handed one
-            pipe.hset(
+        queue, model = self.queue.name, request.model
+        now = time.time()
+        record = {
+            jobs.SPEC: request.model_dump_json(),
+            jobs.STATE: JobState.queued.value,
+            jobs.MODEL: model,
+            jobs.REVISION: request.revision or "",
+            jobs.CREATED_AT: str(now),
+            jobs.ATTEMPT: "1",
+            jobs.RQ_ID: job_id,
+            jobs.QUEUE: queue,
+            jobs.KIND: kind,
+            jobs.OWNER: owner,
+        }
+        rq_job = self._rq_job_fields(job_id, job_id, request.model_dump(mode="json"), kind)
+        outcome = await self._submit(
+            keys=[
+                keys.queued(queue),
+                keys.queued_for_model(queue, model),
+                keys.idle_with(queue, model, request.revision),
+                keys.workers(queue),
                 keys.job(job_id),
-                mapping={
-                    jobs.SPEC: request.model_dump_json(),
-                    jobs.STATE: JobState.queued.value,
-                    jobs.MODEL: request.model,
-                    jobs.REVISION: request.revision or "",
-                    jobs.CREATED_AT: str(time.time()),
-                    jobs.ATTEMPT: "1",
-                    jobs.RQ_ID: job_id,
-                    jobs.QUEUE: self.queue.name,
-                    jobs.RQ_QUEUE: rq_queue.name,
-                    jobs.KIND: kind,
-                    jobs.POSITION: str(position),
-                    jobs.OWNER: owner,
-                },
-            )
-            pipe.expire(keys.job(job_id), ttl)
-            pipe.xadd(keys.job_events(job_id), {"e": queued.type, "d": queued.to_json()}, id=events.stream_id(1))
-            pipe.expire(keys.job_events(job_id), ttl)
-            self._index(pipe, job_id)
-            self._enqueue_rq(pipe, self.queue.name, rq_queue, job_id, job_id, request.model_dump(mode="json"), kind)
-            pipe.execute()
-        return position
+                keys.job_events(job_id),
+                keys.jobs_index(queue),
+                Job.key_for(job_id),
+                Queue.redis_queues_keys,
+            ],
+            args=[
+                self.settings.max_queue,
+                self.settings.max_queue_per_model,
+                now,
+                now - keys.WORKER_DEAD_AFTER_S,
+                keys.worker_claim(""),
+                keys.CLAIM_TTL_MS,
+                self.settings.job_ttl_s,
+                job_id,
+                queue,
+                keys.worker_queue(queue, ""),
+                Queue.redis_queue_namespace_prefix,
+                int(kind == "inference"),  # pulls go to any worker: the shared queue
+                _QUEUED_HEAD,
+                _QUEUED_TAIL,
+                jobs.RQ_QUEUE,
+                jobs.POSITION,
+                events.stream_id(1),
+                Queued.type,
+                json.dumps(record),
+                # str first: RQ's JobStatus is a str enum, whose str() is its name.
+                json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
+                *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
+            ],
+        )
+        code, count = outcome[0], outcome[1]
+        # Checked against the waiting sets as they are: a soft bound on memory and
+        # waiting time, not a quota (jobs already taken by workers do not count).
+        if code == 1:
+            raise QueueFull(f"{count} jobs are waiting (the limit is {self.settings.max_queue})")
+        if code == 2:
+            raise QueueFull(f"{count} jobs for {model} are waiting (the limit is {self.settings.max_queue_per_model})")
+        return job_id, count
 
-    def _index(self, pipe, job_id: str) -> None:
-        """Lists the job in the queue's jobs index (``GET /v1/jobs``), dropping the
-        entries past the job TTL, whose records are gone or about to go."""
-        now, ttl = time.time(), self.settings.job_ttl_s
-        index = keys.jobs_index(self.queue.name)
-        pipe.zremrangebyscore(index, "-inf", now - ttl)
-        pipe.zadd(index, {job_id: now})
-        pipe.expire(index, ttl)
+    def _rq_job_fields(self, job_id: str, rq_id: str, spec: dict, kind: str) -> dict:
+        """RQ's own hash of the job, as ``Queue.enqueue_call`` writes it, built by RQ
+        (``Job.to_dict``) without its round trips; the script adds ``origin``."""
+        job = Job.create(
+            jobs.TASKS[kind],
+            args=(job_id, spec),
+            id=rq_id,
+            connection=self.queue.connection,
+            serializer=JSONSerializer,
+            timeout=self.settings.job_timeout_s,
+            result_ttl=0,
+            failure_ttl=self.settings.job_ttl_s,
+            status=JobStatus.QUEUED,
+        )
+        job.enqueued_at = rq_now()
+        fields = job.to_dict()
+        fields.pop("origin", None)
+        return fields
 
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)
 
-    def _claim_warm_worker(self, model: str, revision: str | None) -> str | None:
-        """An idle, live worker holding the model, claimed for this job, or None."""
-        name = self._claim(
-            keys=[keys.idle_with(self.queue.name, model, revision), keys.workers(self.queue.name)],
-            args=[time.time() - keys.WORKER_DEAD_AFTER_S, keys.worker_claim(""), keys.CLAIM_TTL_MS],
-        )
-        return name.decode() if name else None
-
     def _enqueue_rq(self, pipe, cluster_queue: str, rq_queue: Queue, job_id: str, rq_id: str, spec: dict, kind: str) -> None:
-        """``cluster_queue`` counts the job for depth limits and queue-wait timeouts;
-        ``rq_queue`` (the shared queue or a worker's own) carries it."""
+        """Requeues a retried job (the reaper's path; submits use the script).
+        ``cluster_queue`` counts the job for depth limits and queue-wait timeouts;
+        ``rq_queue`` carries it."""
         ttl = self.settings.job_ttl_s
         for key in (keys.queued(cluster_queue), keys.queued_for_model(cluster_queue, spec["model"])):
             pipe.zadd(key, {job_id: time.time()})

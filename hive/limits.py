@@ -1,9 +1,9 @@
 """Request-head limits, enforced before routing.
 
 Bodies are bounded where they are read (``api.read_json_body``). Headers arrive
-whole before the app sees the request: uvicorn bounds what it buffers
-(``h11_max_incomplete_event_size``, answering a bare 400 beyond it), and below
-that bound this middleware answers a JSON 431 like every other API error.
+whole before the app sees the request: the server bounds what it buffers
+(SERVER_MAX_HEAD_BYTES, answering a bare 400 beyond it: hive/http_server.py), and
+below that bound this middleware answers a JSON 431 like every other API error.
 Starlette has no header-size setting, hence a few lines of ASGI.
 """
 
