@@ -208,7 +208,7 @@ def measure(rounds: int, seconds: float, followers: int, jobs: int, rate: int, p
                 for i in range(rounds):
                     spy = None
                     if profile and i == rounds - 1:
-                        spy = subprocess.Popen(["py-spy", "record", "-d", str(int(seconds)), "-r", "50", "-p", str(hive.process.pid), "-f", "raw", "-o", profile],
+                        spy = subprocess.Popen(["py-spy", "record", "-d", str(int(seconds)), "-r", "200", "-p", str(hive.process.pid), "-f", "raw", "-o", profile],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                         time.sleep(0.5)
                     hive_cpu = cpu_s(hive.process.pid)

@@ -6,7 +6,6 @@ import json
 
 from pydantic import ValidationError
 from rq import Worker
-from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,11 +18,9 @@ from .auth import Principal
 from .errors import ApiError
 from .jobs import JobFinished, JobNotFound, QueueFull
 from .openapi import openapi_schema
+from .sse import JobEventStream
 
 SHUTDOWN_GRACE_S = 2.0
-#: A follower whose socket accepts nothing for this long (it stopped reading) is
-#: dropped: its buffers are freed, and it can resume with Last-Event-ID.
-SEND_TIMEOUT_S = 60.0
 
 JOB_ID_CHARS = frozenset("0123456789abcdef")
 
@@ -151,14 +148,14 @@ async def job_stream(request: Request) -> Response:
     on_abandon = None
     if json.loads(record.get("spec") or "{}").get("cancel_on_disconnect"):
         on_abandon = hive.jobs.cancel
-    return EventSourceResponse(
+    return JobEventStream(
         hive.relay.follow(job_id, after, on_abandon),
         ping=hive.settings.sse_ping_s,
         # The relay ends every stream with a farewell when this is set; the grace
         # period is how long it has before sse-starlette cancels the stream.
         shutdown_event=hive.relay.stopping,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
-        send_timeout=SEND_TIMEOUT_S,
+        watchdog=hive.stalls,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

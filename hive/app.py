@@ -27,6 +27,7 @@ from .jobs import JobService
 from .limits import HeaderLimit
 from .reaper import Reaper
 from .relay import EventRelay
+from .sse import StallWatchdog
 
 log = logging.getLogger("hive")
 
@@ -40,6 +41,7 @@ class Hive:
     relay: EventRelay
     auth: Auth
     fleet: Fleet
+    stalls: StallWatchdog
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -72,13 +74,16 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         jobs = JobService(settings, connection, sync_connection, on_end=metrics.job_ended)
         reaper = Reaper(connection, jobs)
         reaper.start()
+        stalls = StallWatchdog()
+        stalls.start()
         fleet = Fleet(connection, settings.queue, str(hub.cache.root) if hub is not None else None)
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings), fleet)
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings), fleet, stalls)
         log.info("hive ready: %r", settings)
         try:
             yield
         finally:
             await reaper.stop()
+            await stalls.stop()
             await relay.stop()
             await connection.aclose()
             sync_connection.close()

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import anyio
 import redis.exceptions
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,9 +34,10 @@ from shared import jobs as job_fields
 from shared.events import DONE_FRAME
 from shared.spec import InferenceRequest
 
-from .api import SEND_TIMEOUT_S, SHUTDOWN_GRACE_S, read_json_body, validation_error
+from .api import SHUTDOWN_GRACE_S, read_json_body, validation_error
 from .errors import ApiError
 from .jobs import QueueFull
+from .sse import JobEventStream
 
 if TYPE_CHECKING:
     from .app import Hive
@@ -345,12 +345,12 @@ async def answer(request: Request, params_type: type[CommonParams], flavour: Fla
     headers = {"X-Hive-Job-Id": job_id}
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        return EventSourceResponse(
+        return JobEventStream(
             stream_chunks(hive, job_id, flavour, params.model, include_usage),
             ping=hive.settings.sse_ping_s,
             shutdown_event=hive.relay.stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_S,
-            send_timeout=SEND_TIMEOUT_S,
+            watchdog=hive.stalls,
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     created = int(time.time())

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from hive import relay as relay_module
 from hive.relay import EventRelay
+from shared import keys
 from shared.events import DONE_FRAME, End, Queued, Token
 from worker.reporter import JobReporter
 
@@ -53,3 +54,29 @@ def test_followers_with_tiny_buffers_get_every_event_once_in_order(redis_url, mo
     for frames in received:
         assert ids_of(frames) == list(range(1, 203))
         assert frames[-1].endswith(DONE_FRAME) and b"".join(frames).count(DONE_FRAME) == 1
+
+
+def test_a_quiet_follower_catches_up_from_the_log_what_pub_sub_never_delivered(redis_url, monkeypatch):
+    # Events appended to the log but never published (as if pub/sub lost them while
+    # the relay reconnected) reach the follower by the catch-up sweep.
+    monkeypatch.setattr(relay_module, "CATCH_UP_S", 0.1)
+
+    async def run() -> list[bytes]:
+        connection = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        relay = EventRelay(connection)
+        await relay.start()
+        job_id = uuid.uuid4().hex
+        sync = redis.Redis.from_url(redis_url)
+        JobReporter(sync, job_id, 60).emit(Queued(1))
+        stream = relay.follow(job_id)
+        frames = [await anext(stream)]
+        for seq, event in ((2, Token("lost", 0)), (3, End(1, 1.0, 1.0, "max_tokens"))):
+            sync.xadd(keys.job_events(job_id), {"e": event.type, "d": event.to_json()}, id=f"{seq}-0")
+        frames.extend([frame async for frame in stream])
+        await relay.stop()
+        await connection.aclose()
+        sync.close()
+        return frames
+
+    frames = asyncio.run(asyncio.wait_for(run(), 5))
+    assert ids_of(frames) == [1, 2, 3] and frames[-1].endswith(DONE_FRAME)
