@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import resource
 import statistics
@@ -36,6 +35,7 @@ import httpx
 
 from bench.doc import replace_section
 from bench.figure import Figure, spread
+from bench.proc import cpu_seconds, rss_kb
 from tests import processes
 
 QUEUE = "hive:bench-fanout"
@@ -50,18 +50,6 @@ def raise_nofile(n: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < n:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -156,7 +144,7 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
             continue
         while sent < due:
             reporter = reporters[sent % len(reporters)]
-            reporter.emit(Token(t=f"{time.time_ns()}", i=sent))
+            reporter.emit_token(Token(t=f"{time.time_ns()}", i=sent))
             sent += 1
     elapsed = time.perf_counter() - start
     print(json.dumps({"sent": sent, "seconds": elapsed, "start_ns": start_ns}), flush=True)
@@ -211,8 +199,8 @@ def measure(rounds: int, seconds: float, followers: int, jobs: int, rate: int, p
                         spy = subprocess.Popen(["py-spy", "record", "-d", str(int(seconds)), "-r", "200", "-p", str(hive.process.pid), "-f", "raw", "-o", profile],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                         time.sleep(0.5)
-                    hive_cpu = cpu_s(hive.process.pid)
-                    redis_cpu = cpu_s(redis_proc.process.pid)
+                    hive_cpu = cpu_seconds(hive.process.pid)
+                    redis_cpu = cpu_seconds(redis_proc.process.pid)
                     producer = subprocess.run(
                         [sys.executable, "-m", "bench.fanout", "_producer", redis_url, str(published), str(seconds), *job_ids],
                         stdout=subprocess.PIPE, text=True, check=True,
@@ -227,8 +215,8 @@ def measure(rounds: int, seconds: float, followers: int, jobs: int, rate: int, p
                         peek = json.loads(client.stdout.readline())
                         if peek["count"] > count:
                             count, last_ns, quiet_since = peek["count"], peek["last_ns"], time.monotonic()
-                    hive_cpu = cpu_s(hive.process.pid) - hive_cpu
-                    redis_cpu = cpu_s(redis_proc.process.pid) - redis_cpu
+                    hive_cpu = cpu_seconds(hive.process.pid) - hive_cpu
+                    redis_cpu = cpu_seconds(redis_proc.process.pid) - redis_cpu
                     client.stdin.write("stats\n")
                     client.stdin.flush()
                     stats = json.loads(client.stdout.readline())

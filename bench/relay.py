@@ -14,6 +14,7 @@ shared machine hits both alike. Figures are medians with min–max.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from httpx_sse import connect_sse
 
 from bench.doc import replace_section
+from bench.proc import cpu_seconds
 from tests import processes
 from tests.tiny_models import build_model
 
@@ -53,6 +54,10 @@ class Run:
     #: prefill-to-first-token time (the `end` event's ttft_ms).
     to_started_ms: float = 0.0
     worker_ttft_ms: float = 0.0
+    #: Through the hive only: the worker's own decode rate (the `end` event's
+    #: tokens_out over decode_time_ms): below the in-process rate, the worker itself
+    #: was slowed (CPU shared with the hive, Redis and the client on this machine).
+    worker_tokens_per_s: float = 0.0
 
 
 def rate(times: list[float]) -> float:
@@ -71,25 +76,55 @@ def in_process_run(model, tokenizer, max_tokens: int) -> Run:
     return Run((times[0] - start) * 1000, len(times), rate(times))
 
 
+def sse_frames(url: str, path: str):
+    """Yields (receipt time, frames) per read of a job's SSE stream, as they arrive.
+
+    http.client, not httpx + httpx_sse: this client shares the machine's two cores
+    with the worker's torch, and httpx_sse's per-event parsing cost 250 µs of CPU
+    per token, a third of what the whole relay path cost besides the model, which
+    slowed the worker it measured (cpu_report). Each read returns what the hive
+    sent at once (one chunk: one or more frames)."""
+    parsed = httpx.URL(url)
+    connection = http.client.HTTPConnection(parsed.host, parsed.port, timeout=300)
+    try:
+        connection.request("GET", path, headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{path}: {response.status} {response.read()[:200]!r}")
+        buffer = b""
+        while data := response.read1(65536):
+            now = time.perf_counter()
+            buffer += data
+            *frames, buffer = buffer.split(b"\n\n")
+            if frames:
+                yield now, frames
+    finally:
+        connection.close()
+
+
 def hive_run(client: httpx.Client, model: str, max_tokens: int) -> Run:
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
     job = client.post("/v1/inference", json=body).json()
     times: list[float] = []
-    started = worker_ttft = 0.0
-    with connect_sse(client, "GET", job["sse_url"]) as source:
-        for sse in source.iter_sse():
-            if sse.event == "token":
-                times.append(time.perf_counter())
-            elif sse.event == "started":
-                started = time.perf_counter()
-            elif sse.event == "end":
-                worker_ttft = json.loads(sse.data)["ttft_ms"]
-            elif sse.event == "error":
-                raise RuntimeError(sse.data)
-            elif sse.data == "[DONE]":
-                break
-    return Run((times[0] - start) * 1000, len(times), rate(times), (started - start) * 1000, worker_ttft)
+    started = worker_ttft = worker_rate = 0.0
+    for now, frames in sse_frames(str(client.base_url), job["sse_url"]):
+        for frame in frames:
+            fields = dict(line.split(b": ", 1) for line in frame.split(b"\n") if b": " in line and not line.startswith(b":"))
+            event = fields.get(b"event")
+            if event == b"token":
+                times.append(now)
+            elif event == b"started":
+                started = now
+            elif event == b"end":
+                end = json.loads(fields[b"data"])
+                worker_ttft = end["ttft_ms"]
+                worker_rate = (end["tokens_out"] - 1) / end["decode_time_ms"] * 1000 if end["decode_time_ms"] else 0.0
+            elif event == b"error":
+                raise RuntimeError(fields.get(b"data"))
+        if frames[-1] == b"data: [DONE]":
+            break
+    return Run((times[0] - start) * 1000, len(times), rate(times), (started - start) * 1000, worker_ttft, worker_rate)
 
 
 def median(values: list[float]) -> float:
@@ -100,7 +135,8 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{format(median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
-def bench_model(name: str, folder: Path, client: httpx.Client, runs: int, ttft_runs: int, max_tokens: int) -> dict:
+def bench_model(name: str, folder: Path, client: httpx.Client, runs: int, ttft_runs: int, max_tokens: int, pids: dict[str, int]) -> dict:
+    """``pids``: the hive's processes by name, whose CPU time per relayed token is taken."""
     import torch
     from transformers import AutoTokenizer
 
@@ -115,11 +151,19 @@ def bench_model(name: str, folder: Path, client: httpx.Client, runs: int, ttft_r
     for _ in range(ttft_runs):  # one-token jobs: time to first token alone
         local_first.append(in_process_run(model, tokenizer, 1))
         relayed_first.append(hive_run(client, repo, 1))
+    cpu = dict.fromkeys([*pids, "client"], 0.0)
     for _ in range(runs):
         local.append(in_process_run(model, tokenizer, max_tokens))
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        client_before = time.process_time()
         relayed.append(hive_run(client, repo, max_tokens))
+        cpu["client"] += time.process_time() - client_before
+        for name, pid in pids.items():
+            cpu[name] += cpu_seconds(pid) - before[name]
     del model
-    return {"local": local, "hive": relayed, "local_ttft": local_first, "hive_ttft": relayed_first}
+    tokens = sum(r.tokens for r in relayed)
+    cpu_us = {name: seconds / tokens * 1e6 for name, seconds in cpu.items()}
+    return {"local": local, "hive": relayed, "local_ttft": local_first, "hive_ttft": relayed_first, "cpu_us_per_token": cpu_us}
 
 
 def machine() -> str:
@@ -141,6 +185,15 @@ def p99(values: list[float]) -> float:
     return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
 
 
+def cpu_report(results: dict) -> str:
+    """CPU time per relayed token, by process, over the throughput rounds through the hive."""
+    names = list(next(iter(results.values()))["cpu_us_per_token"])
+    lines = ["| model | " + " | ".join(f"{n} CPU µs/token" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for model, r in results.items():
+        lines.append(f"| {model} | " + " | ".join(f"{r['cpu_us_per_token'][n]:.0f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def verdicts(results: dict) -> str:
     lines = []
     for name, r in results.items():
@@ -160,8 +213,8 @@ def verdicts(results: dict) -> str:
 
 def report(results: dict, runs: int) -> str:
     lines = [
-        "| model | tokens/run | in-process tok/s | through hive tok/s | ratio (target) | in-process TTFT ms | hive TTFT ms | TTFT added ms (target) | hive: submit → started ms | hive: worker's own TTFT ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | tokens/run | in-process tok/s | through hive tok/s | ratio (target) | in-process TTFT ms | hive TTFT ms | TTFT added ms (target) | hive: submit → started ms | hive: worker's own TTFT ms | hive: worker's own tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         local_rate = [x.tokens_per_s for x in r["local"]]
@@ -173,7 +226,7 @@ def report(results: dict, runs: int) -> str:
             f"| {name} | {r['hive'][0].tokens} | {spread(local_rate, '.1f')} | {spread(hive_rate, '.1f')} | "
             f"{median(ratios):.3f}× ({target}) | {spread([x.ttft_ms for x in r['local_ttft']], '.1f')} | "
             f"{spread([x.ttft_ms for x in r['hive_ttft']], '.1f')} | {spread(added, '+.1f')}, p99 {p99(added):+.1f} (≤ +{ADDED_TTFT_P50_MS:g}, p99 ≤ +{ADDED_TTFT_P99_MS:g}) | "
-            f"{spread([x.to_started_ms for x in r['hive_ttft']], '.1f')} | {spread([x.worker_ttft_ms for x in r['hive_ttft']], '.1f')} |"
+            f"{spread([x.to_started_ms for x in r['hive_ttft']], '.1f')} | {spread([x.worker_ttft_ms for x in r['hive_ttft']], '.1f')} | {spread([x.worker_tokens_per_s for x in r['hive']], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -210,19 +263,21 @@ def main() -> None:
             with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=300)) as client:
                 for name in args.models.split(","):
                     print(f"benchmarking {name}…", file=sys.stderr)
+                    pids = {"worker": worker.process.pid, "hive": hive.process.pid, "redis-server": redis_proc.process.pid}
                     results[name] = bench_model(
-                        name, tmp_path / "hub" / "bench" / name, client, args.runs, args.ttft_runs, MODELS[name][1]
+                        name, tmp_path / "hub" / "bench" / name, client, args.runs, args.ttft_runs, MODELS[name][1], pids
                     )
         finally:
             for proc in (worker, hive, hub_proc, redis_proc):
                 proc.stop()
 
-    table = report(results, args.runs) + "\n\n" + verdicts(results)
+    table = report(results, args.runs) + "\n\n" + cpu_report(results) + "\n\n" + verdicts(results)
     print(table)
     raw = "\n".join(
         f"{name} {kind}: " + json.dumps([{k: round(v, 2) for k, v in vars(x).items()} for x in runs])
         for name, r in results.items()
         for kind, runs in r.items()
+        if kind != "cpu_us_per_token"
     )
     if not args.no_write:
         write_doc(table, args.runs, args.ttft_runs, raw)

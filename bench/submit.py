@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from rq.serializers import JSONSerializer
 
 from bench.doc import replace_section
 from bench.figure import Figure, spread
+from bench.proc import cpu_seconds
 from shared.jobs import RUN_INFERENCE
 from tests import processes
 
@@ -194,19 +194,6 @@ def raw_enqueues(redis_url: str, seconds: float) -> dict:
     return {"per_s": n / elapsed, "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (``hive serve --workers N``)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 #: py-spy's file paths → where the hive's CPU time goes, by the leaf-most frame that matches.
 LAYERS = [
     ("redis-py: packing commands, parsing replies, socket calls", ("redis/",)),
@@ -258,7 +245,7 @@ def profile_summary(collapsed: Path) -> list[tuple[str, float]]:
     return [(name, layers[name] / total) for name, _ in LAYERS + [("other (interpreter, stdlib)", ())]] + [(name, steps[name] / total) for name, _ in STEPS]
 
 
-def run(rounds: int, seconds: float, connections: int, rate: float, profile: bool, write: bool, command: str, client: str = "raw", sustain: float = 300, hive_workers: int = 1) -> list[Figure]:
+def run(rounds: int, seconds: float, connections: int, rate: float, profile: bool, write: bool, command: str, client: str = "raw", sustain: float = 300, hive_processes: int = 1) -> list[Figure]:
     results = {"closed": [], "open": [], "sustain": [], "raw": [], "hive_cpu": []}
     prof = None
     with tempfile.TemporaryDirectory(prefix="hive-bench-submit-") as tmp:
@@ -271,7 +258,7 @@ def run(rounds: int, seconds: float, connections: int, rate: float, profile: boo
             processes.hive_command(
                 "serve", "--redis-url", redis_url, "--port", str(port), "--queue", QUEUE, "--no-hub",
                 "--max-queue", str(LIMIT), "--max-queue-per-model", str(LIMIT), "--log-level", "warning",
-                "--workers", str(hive_workers),
+                "--processes", str(hive_processes),
             ),
             logs,
         )
@@ -281,7 +268,7 @@ def run(rounds: int, seconds: float, connections: int, rate: float, profile: boo
             asyncio.run(load(url, 1.0, connections, None, client))  # warm-up
             for i in range(rounds):
                 connection.flushdb()
-                cpu0, t0 = cpu_seconds(hive.process.pid), time.perf_counter()
+                cpu0, t0 = cpu_seconds(hive.process.pid, children=True), time.perf_counter()
                 spy = None
                 if profile and i == 0 and shutil.which("py-spy"):
                     prof = logs / "hive.collapsed"
@@ -291,7 +278,7 @@ def run(rounds: int, seconds: float, connections: int, rate: float, profile: boo
                     )
                     time.sleep(0.5)
                 results["closed"].append(asyncio.run(load(url, seconds, connections, None, client)))
-                results["hive_cpu"].append((cpu_seconds(hive.process.pid) - cpu0) / (time.perf_counter() - t0))
+                results["hive_cpu"].append((cpu_seconds(hive.process.pid, children=True) - cpu0) / (time.perf_counter() - t0))
                 if spy is not None:
                     spy.wait(30)
                 connection.flushdb()
@@ -424,12 +411,12 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="the open loop's offered requests per second")
     parser.add_argument("--sustain-rate", type=float, default=300, help="a second open loop, at a rate the hive keeps up with")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="the load generator: a minimal keep-alive HTTP/1.1 client, or httpx.AsyncClient")
-    parser.add_argument("--hive-workers", type=int, default=1, help="hive processes sharing the port (hive serve --workers)")
+    parser.add_argument("--hive-processes", type=int, default=1, help="hive processes sharing the port (hive serve --processes)")
     parser.add_argument("--profile", action="store_true", help="py-spy the hive during the first closed-loop run")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
-    command = f"python -m bench.submit --rounds {args.rounds} --seconds {args.seconds:g} --connections {args.connections} --sustain-rate {args.sustain_rate:g}" + (" --profile" if args.profile else "") + (f" --client {args.client}" if args.client != "raw" else "") + (f" --hive-workers {args.hive_workers}" if args.hive_workers != 1 else "")
-    return run(args.rounds, args.seconds, args.connections, args.rate, args.profile, not args.no_write, command, args.client, args.sustain_rate, args.hive_workers)
+    command = f"python -m bench.submit --rounds {args.rounds} --seconds {args.seconds:g} --connections {args.connections} --sustain-rate {args.sustain_rate:g}" + (" --profile" if args.profile else "") + (f" --client {args.client}" if args.client != "raw" else "") + (f" --hive-processes {args.hive_processes}" if args.hive_processes != 1 else "")
+    return run(args.rounds, args.seconds, args.connections, args.rate, args.profile, not args.no_write, command, args.client, args.sustain_rate, args.hive_processes)
 
 
 if __name__ == "__main__":

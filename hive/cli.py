@@ -75,7 +75,7 @@ def serve(
     hub_upstream: Annotated[str, typer.Option(envvar="HIVE_HUB_UPSTREAM", help="The hub /hub pulls from on a miss.")] = "https://huggingface.co",
     hub_cache: Annotated[str, typer.Option(envvar="HIVE_HUB_CACHE", help="Hugging Face cache folder /hub serves and fills (default: HF_HUB_CACHE).", show_default=False)] = "",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
-    workers: Annotated[int, typer.Option(envvar="HIVE_SERVE_WORKERS", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
+    processes: Annotated[int, typer.Option(envvar="HIVE_PROCESSES", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the HTTP API and SSE relay."""
@@ -122,17 +122,17 @@ def serve(
         factory=True,
         host=host,
         port=port,
-        workers=workers,
+        workers=processes,
         log_level=log_level.lower(),
         **SERVER_OPTIONS,
     )
-    if workers == 1:
+    if processes == 1:
         server = uvicorn.Server(config)
         server.run()
         if not server.started:  # as uvicorn.run: the port was taken, or the lifespan failed
             raise typer.Exit(3)
         return
-    # uvicorn.run() takes several workers only with an app import string, which
+    # uvicorn.run() takes several processes only with an app import string, which
     # would leave the settings to the environment; its supervisor itself accepts
     # any picklable factory, so each process gets these settings, parsed once here.
     Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -131,16 +131,20 @@ class EventRelay:
                         follower.catch_up = True
                         follower.wake()
 
+    def _wake_all(self, catch_up: bool = False, stopping: bool = False) -> None:
+        for entry in self._channels.values():
+            for follower in entry.followers:
+                follower.catch_up |= catch_up
+                follower.stopping |= stopping
+                follower.wake()
+
     async def _end_streams_on_shutdown(self) -> None:
         """On shutdown every open stream ends cleanly with an id-less ``error``
         SHUTTING_DOWN and ``[DONE]`` instead of being cut mid-chunk; its job goes on,
         and the client resumes it (Last-Event-ID) on another or the restarted hive."""
         await self.stopping.wait()
         log.info("shutting down: ending %d open streams", self.followers)
-        for entry in self._channels.values():
-            for follower in entry.followers:
-                follower.stopping = True
-                follower.wake()
+        self._wake_all(stopping=True)
 
     async def stop(self) -> None:
         for task in (self._reader, *self._tasks):
@@ -162,6 +166,9 @@ class EventRelay:
                 raise
             except Exception:  # connection loop boundary: log, back off, resubscribe
                 log.exception("relay lost its Redis subscription; reconnecting")
+                # Messages published meanwhile are lost to pub/sub: every follower
+                # re-reads the log now (and ends with REDIS_UNAVAILABLE if Redis is gone).
+                self._wake_all(catch_up=True)
                 await asyncio.sleep(1.0)
 
     def _dispatch(self, message: dict) -> None:

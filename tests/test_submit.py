@@ -117,17 +117,17 @@ def children(pid: int) -> set[int]:
 
 @pytest.mark.timeout(120)
 def test_serve_with_two_processes_takes_and_streams_every_job_then_stops_cleanly(cluster, log_dir):
-    """`hive serve --workers 2` beside the cluster's own hive, on its queue: jobs
+    """`hive serve --processes 2` beside the cluster's own hive, on its queue: jobs
     submitted to either process run on the cluster's worker and stream to the end."""
     port = processes.free_port()
     url = f"http://127.0.0.1:{port}"
     hive = processes.start(
         "hive-two-processes",
-        processes.hive_command("serve", "--redis-url", cluster.redis_url, "--port", str(port), "--queue", cluster.queue, "--workers", "2", "--no-hub"),
+        processes.hive_command("serve", "--redis-url", cluster.redis_url, "--port", str(port), "--queue", cluster.queue, "--processes", "2", "--no-hub"),
         log_dir,
     )
     try:
-        processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, 60, "hive --workers 2", (hive,))
+        processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, 60, "hive --processes 2", (hive,))
         processes.wait_until(lambda: hive.log().count("Application startup complete") == 2, 60, "both processes", (hive,))
         assert len(children(hive.process.pid) - {hive.process.pid}) >= 2
         jobs_ = [sse.submit(url, model="acme/tiny", prompt="Hello", max_tokens=4, temperature=0) for _ in range(6)]

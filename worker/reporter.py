@@ -3,6 +3,12 @@
 Each event is appended to the job's replay log and published live in one round
 trip (XADD + PUBLISH, pipelined: two commands per token). The log's TTL is set
 when the job starts and again when it ends, not per event.
+
+Tokens after the first do not wait for that round trip: their commands are sent,
+and Redis's replies read before the reporter's next write, while the model
+computes the next token. Generation never stalls on Redis (on a busy machine, a
+round trip waits for Redis to be scheduled: bench/relay.py), the event still
+leaves the moment it exists, and every write stays in order.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable
 import redis
 
 from shared import events, jobs, keys
-from shared.events import Event
+from shared.events import Event, Token
 from shared.spec import JobState
 
 
@@ -58,12 +64,15 @@ class JobReporter:
         last, cancel_flag = pipe.execute()[:2]
         # Go on from the last event in the log (the hive wrote `queued`).
         self.seq = events.seq_of(last[0][0]) if last else 0
+        #: The connection whose replies (this many) emit_token has yet to read.
+        self._unread: tuple[redis.Connection, int] | None = None
         #: The job was cancelled before this worker took it.
         self.cancelled_before_start = bool(cancel_flag)
 
     def emit(self, event: Event, state: JobState | None = None, **fields) -> None:
         """Appends and publishes ``event``; ``state`` and ``fields`` update the
         record in the same round trip."""
+        self._settle()
         self.seq += 1
         data = event.to_json()
         pipe = self.redis.pipeline(transaction=False)
@@ -73,7 +82,54 @@ class JobReporter:
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()
 
+    def emit_token(self, token: Token) -> None:
+        """Appends and publishes ``token`` without waiting for Redis's replies (read
+        at the next write). redis-py has no such call, hence its connection's own
+        send and read; a Redis error surfaces at the next write."""
+        self._settle()
+        self.seq += 1
+        data = token.to_json()
+        pool = self.redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(
+                connection.pack_commands(
+                    [
+                        ("XADD", self._log_key, events.stream_id(self.seq), "e", token.type, "d", data),
+                        ("PUBLISH", self._channel, events.live_message(self.seq, token.type, data)),
+                    ]
+                )
+            )
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        self._unread = (connection, 2)
+
+    def _settle(self) -> None:
+        """Reads the replies emit_token left, so what follows is written after it."""
+        if self._unread is None:
+            return
+        (connection, count), self._unread = self._unread, None
+        try:
+            for _ in range(count):
+                connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self.redis.connection_pool.release(connection)
+
+    def close(self) -> None:
+        """Gives back a connection with replies still unread (a job that ended
+        without its terminal event); they are dropped with the connection."""
+        if self._unread is not None:
+            connection, self._unread = self._unread[0], None
+            connection.disconnect()
+            self.redis.connection_pool.release(connection)
+
     def update(self, state: JobState | None = None, **fields) -> None:
+        self._settle()
         self.redis.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
 
     def finish(self, final_event: Event, state: JobState, **fields) -> None:
@@ -81,7 +137,7 @@ class JobReporter:
         self._before_finish()
         # The record is final before the event is out: a client that reads the
         # status on `end` sees the job completed.
-        self.emit(final_event, state, **{jobs.FINISHED_AT: time.time(), **fields})
+        self.emit(final_event, state, **{jobs.FINISHED_AT: time.time(), **fields})  # settles first
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self._log_key, self.ttl_s)
         pipe.expire(keys.job(self.job_id), self.ttl_s)

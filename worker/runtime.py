@@ -93,6 +93,7 @@ class WorkerRuntime:
         """Runs an inference job, or with ``pull`` a pull job (download only)."""
         self.cancels.begin(job_id)
         self._idle = False
+        reporter: MeasuredReporter | None = None
         try:
             self.presence.busy(job_id)
             queue, model = self.settings.queue, str(spec.get("model", ""))
@@ -133,6 +134,8 @@ class WorkerRuntime:
         except REDIS_DOWN as e:
             self._after_outage(job_id, e)
         finally:
+            if reporter is not None:
+                reporter.close()
             self.lease.release()
             self.cancels.end()
             try:
@@ -258,7 +261,7 @@ class WorkerRuntime:
                 # A job that has produced a token is not retried if its worker is lost.
                 reporter.emit(Token(token.text, token.i), **{jobs.FIRST_TOKEN_AT: time.time()})
             else:
-                reporter.emit(Token(token.text, token.i))
+                reporter.emit_token(Token(token.text, token.i))
             pieces.append(token.text)
             count = token.i + 1
             if token.stop_reason:
