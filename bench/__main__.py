@@ -24,13 +24,13 @@ from bench.figure import Figure
 
 #: name → the command line of each benchmark, with this suite's small defaults.
 COMMANDS = {
-    "relay": ["python", "-m", "bench.relay", "--runs", "5", "--ttft-runs", "20"],
+    "relay": ["python", "-m", "bench.relay", "--runs", "9", "--ttft-runs", "20"],
     "fleet": ["python", "-m", "bench.fleet", "--runs", "2", "--jobs", "60"],
     "load": ["python", "-m", "bench.load", "--rounds", "7"],
-    "download": ["python", "-m", "bench.download", "--rounds", "5"],
+    "download": ["python", "-m", "bench.download", "--rounds", "9"],
     "redis": ["python", "-m", "bench.redis_cmds", "--rounds", "3", "--tokens", "200"],
     "fanout": ["python", "-m", "bench.fanout", "--rounds", "3", "--seconds", "5"],
-    "submit": ["python", "-m", "bench.submit", "--rounds", "3", "--seconds", "4"],
+    "submit": ["python", "-m", "bench.submit", "--rounds", "3", "--seconds", "5"],
 }
 IN_PROCESS = {"load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main}
 

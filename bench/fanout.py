@@ -349,28 +349,23 @@ Medians, min–max in brackets.
     replace_section("Fan-out", section)
 
 
-FINDINGS = """Where the time goes (`--profile`: py-spy on the hive, 50 Hz, a 20,000 events/s round): the
-hive is one Python thread, and at this rate it saturates its core, so frames queue up and
-the latency grows with the round (seconds, not milliseconds). The relay itself (`_dispatch`,
-`_follow`: one parse and one pre-encoded frame per message, shared by its 20 followers) is
-2–7% of the samples (two profiled rounds). The cost is per follower per frame, in the send path under the relay:
-sse-starlette's `_send_with_timeout` ≈ 70–76% of the samples in all, of it the socket write
-(`_SelectorSocketTransport.write`, one `send` syscall per frame per follower) ≈ 29%, anyio's
-`move_on_after` cancel scope around every send (`send_timeout`) ≈ 10% plus `current_task` /
-sniffio lookups ≈ 14%, and uvicorn's h11 chunked writer ≈ 8–12%.
+FINDINGS = """What changed, from profiles (`--profile`: py-spy on the hive during a 20,000 events/s round).
+Every row is one hive process, 1,000 followers on 50 jobs, 20,000 events/s offered:
 
-Proposed fixes, largest first: (1) coalesce: when a follower's queue holds several frames,
-yield them joined as one chunk (`_follow` already drains the queue into `pending`): one ASGI
-send and one syscall per batch instead of per frame; (2) drop sse-starlette's per-send
-`send_timeout` (a cancel scope per frame) and bound slow clients in the relay instead (the
-follower queue already marks `lagging`), or serve the pre-encoded frames from a plain ASGI
-streaming response; (3) run uvicorn with `httptools` and `uvloop` (`uvicorn[standard]`)
-instead of h11 and the default loop; (4) more than one hive process behind the same port
-(`--workers`, or several hives; the relay is per process) to use more than one core.
+| step | events/s delivered | latency p50 / p99 | hive CPU | memory per idle stream |
+| --- | --- | --- | --- | --- |
+| issue 6's first run (submit benchmark running beside) | 15,068 | – / 3,099 ms | 1 core | 49.2 KB |
+| + frames ready at once sent as one chunk, hiredis | 19,521 | 119 / 312 ms | 0.97 | 49.2 KB |
+| + httptools and uvloop | 19,766 | 65 / 279 ms | 0.92 | 50.9 KB |
+| + `asyncio.timeout` instead of `wait_for` (a task per wait) | 19,938–19,996 | 2–106 / 85–305 ms | 0.85–0.97 | 50.0 KB |
+| + a hand-written inbox per follower and one catch-up sweep per period, instead of an `asyncio.Queue` and a timer per wait; one stall watchdog per process instead of sse-starlette's cancel scope per send | 19,970–19,988 | 1.0–1.7 / 16.6–18.3 ms | 0.63–0.74 | 46.9 KB |
 
-Applied since: (1), the coalescing (hive/relay.py), and hiredis for Redis replies. Before them,
-measured with the submit benchmark running beside: 15,068 events/s delivered, p99 3,099 ms; the
-figures above are after, on a quiet machine. Left: (2)–(4)."""
+What the profile showed at each step: first, sse-starlette's `_send_with_timeout` (≈ 70% of the
+samples), of it the socket write (one `send` per frame per follower, which stays: 1,000 sockets)
+and anyio's cancel scope around every send with its task lookups (≈ 25%); then `wait_for`, which
+wraps each wait in a task of its own (≈ 22%); then `asyncio.Queue.get` and the per-wait timer
+(≈ 20%). What is left is mostly the socket writes themselves (≈ 30%), the event loop, and
+redis-py's pub/sub parsing (≈ 8%)."""
 
 
 if __name__ == "__main__":

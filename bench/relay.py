@@ -301,12 +301,24 @@ event (HTTP, enqueue, the worker's pickup), and the worker's own prefill-to-firs
 
 {table}
 
-Where the time goes: before the first token, the "submit → started" column (the POST's enqueue in
-one MULTI, RQ's pickup and job bookkeeping in the worker, the worker's own record and its
-`ready` and `started` events); per token (the "relay adds" lines), one pipelined XADD + PUBLISH
-round trip in the worker, and the hive, redis-server and the client sharing this machine's two
-cores with torch's two threads. That is a large share of a 2 ms token and a small one of a
-57 ms token; the spread of the 135M rows is this shared machine's noise.
+The client reads the stream with `http.client` and splits frames on blank lines, timing each
+read as it returns: httpx + httpx_sse cost 250 µs of CPU per token, and on these 2 cores every
+microsecond the client spends is taken from the worker it measures (the last column: the
+worker's own decode rate, from its `end` event, follows the rate the client sees). The second
+table is the CPU time per relayed token of each process over the throughput rounds.
+
+Where the time goes: before the first token, the "submit → started" column (the POST's one
+submit script, RQ's pickup and job bookkeeping in the worker, the worker's own record and its
+`ready` and `started` events). Per token, the worker sends XADD + PUBLISH without waiting for
+the replies (it reads them before its next write); what the hive, redis-server and the client
+spend per token (second table) is taken from torch's two threads on the same two cores, which
+is what slows the worker (its own rate drops with the client's). That is a large share of a
+2 ms token and a small one of a 57 ms token; the spread of the rows is this shared machine's noise.
+
+What changed for the tiny model (0.689× at the start of issue 6, then 0.728–0.788× as the hive's
+path got cheaper, see Fan-out and Submit): the worker no longer waits a Redis round trip per
+token, and the client is the lean one above (the hive's CPU per token was 356 µs, redis-server's
+130 µs, httpx's client 250 µs).
 
 The random-weights 135M model's tokenizer is the tests' 384-token BPE: most of its 49,152 ids
 decode to no text, so its token events carry little text; the event count, the per-token work

@@ -1,23 +1,17 @@
-"""Submit: sustained ``POST /v1/inference`` per second through one ``hive serve``,
-with its latency, next to raw RQ enqueues per second from one Python process.
+"""Submit: sustained ``POST /v1/inference`` per second through ``hive serve``, with
+its latency, next to raw RQ enqueues per second from one Python process.
 
     python -m bench.submit                    # writes the "## Submit" section of docs/benchmarks.md
     python -m bench.submit --rounds 3 --seconds 6 --no-write
-    python -m bench.submit --rounds 1 --profile   # and py-spy records the hive during the closed-loop run
+    python -m bench.submit --processes 1 --rounds 1 --profile   # py-spy records the hive's closed-loop run
 
-Real processes: redis-server on a free port and one ``hive serve`` (one uvicorn
-process) on its own queue, with depth limits far above what a run submits, so no
-request is answered 429; no worker: the jobs just queue, and the benchmark
-FLUSHDBs its own redis between runs. The load generator is this process (not the
-hive's): an ``httpx.AsyncClient`` with keep-alive and N concurrent connections
-posting a small valid body, in two kinds of run:
-
-- closed loop: N connections each post again as soon as the last answer came,
-  for the run's seconds: the most the hive answers;
-- open loop at the target rate: requests are due at a fixed pace and latency is
-  measured from when each was due (so a stalled hive is not hidden by the
-  client waiting for it: no coordinated omission); the achieved rate is the 202s
-  per second.
+Real processes: redis-server on a free port and ``hive serve`` on its own queue,
+once per ``--processes`` count (1 and 2 hive processes sharing the port, side by
+side in one run), with depth limits far above what a run submits, so no request
+is answered 429; no worker: the jobs just queue, and the benchmark FLUSHDBs its
+own redis between runs. The load generator is this process (bench/http_load.py):
+N keep-alive connections posting a small valid body, in a closed loop (the most
+the hive answers) and open loops at the target rate and at a rate it keeps up with.
 
 The reference: ``rq.Queue.enqueue_call`` (JSONSerializer, the function name the
 hive uses, ``shared.jobs.RUN_INFERENCE``) in a loop from one Python process, for
@@ -28,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import shutil
 import statistics
@@ -39,14 +32,15 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bench.doc import replace_section
 from bench.figure import Figure, spread
+from bench.http_load import load, percentile
 from bench.proc import cpu_seconds
+from bench.profile import Layer, shares
 from shared.jobs import RUN_INFERENCE
 from tests import processes
 
@@ -56,123 +50,23 @@ TARGET_RATE = 1500
 TARGET_P99_MS = 50.0
 LIMIT = 100_000_000
 
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class RawConnection:
-    """A minimal HTTP/1.1 keep-alive client for one request shape: the request's bytes
-    built once, the answer read by its Content-Length. httpx spends about a core on
-    some 250 requests a second, more than the hive does, so it cannot load the hive
-    from the same 2 cores (``--client httpx`` measures it anyway)."""
-
-    def __init__(self, host: str, port: int, body: bytes):
-        self.host, self.port = host, port
-        self.request = (
-            f"POST /v1/inference HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-
-    async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-
-    async def post(self) -> int:
-        self.writer.write(self.request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        await self.reader.readexactly(length)
-        return status
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def load(url: str, seconds: float, connections: int, rate: float | None, client_kind: str = "raw") -> dict:
-    """``rate`` None: closed loop. Otherwise requests are due every 1/rate s and
-    latency counts from when each was due; those still unsent when the run ends are
-    counted as ``late`` (the shortfall of the achieved rate)."""
-    latencies: list[float] = []
-    errors: collections.Counter = collections.Counter()
-    ok = 0
-    slot = 0
-    late = 0
-    parsed = httpx.URL(url)
-    body = json.dumps(BODY).encode()
-    if client_kind == "raw":
-        conns = [RawConnection(parsed.host, parsed.port, body) for _ in range(connections)]
-        await asyncio.gather(*(c.open() for c in conns))
-        client = None
-    else:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        client = httpx.AsyncClient(base_url=url, limits=limits, timeout=10)
-        # Open the connections first, so the run measures keep-alive requests.
-        await asyncio.gather(*(client.get("/health") for _ in range(connections)))
-        conns = [None] * connections
-    start = time.perf_counter()
-    end = start + seconds
-
-    async def one(conn) -> None:
-        nonlocal ok, slot, late
-        while True:
-            if rate is None:
-                due = time.perf_counter()
-                if due >= end:
-                    return
-            else:
-                due = start + slot / rate
-                if due >= end:
-                    return
-                slot += 1
-                wait = due - time.perf_counter()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                elif time.perf_counter() >= end:
-                    late += int((end - due) * rate) + 1  # this one and those due after it, unsent
-                    slot = int(seconds * rate) + 1
-                    return
-            try:
-                if conn is not None:
-                    status = await asyncio.wait_for(conn.post(), 10)
-                else:
-                    status = (await client.post("/v1/inference", content=body, headers={"content-type": "application/json"})).status_code
-                if status == 202:
-                    ok += 1
-                    latencies.append(time.perf_counter() - due)
-                else:
-                    errors[str(status)] += 1
-            except (TimeoutError, httpx.HTTPError, OSError, asyncio.IncompleteReadError) as e:
-                errors[type(e).__name__] += 1
-                if conn is not None:
-                    return
-
-    cpu = time.process_time()
-    await asyncio.gather(*(one(c) for c in conns))
-    elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu
-    if client is not None:
-        await client.aclose()
-    else:
-        for c in conns:
-            c.close()
-    return {
-        "per_s": ok / elapsed,
-        "ok": ok,
-        "late": late,
-        "seconds": elapsed,
-        "p50_ms": 1000 * percentile(latencies, 0.50),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
-        "max_ms": 1000 * max(latencies, default=float("nan")),
-        "errors": dict(errors),
-        "client_cpu": cpu / elapsed,
-    }
+#: py-spy's frames → where the hive's CPU time goes (the leaf-most frame that matches).
+LAYERS = [
+    Layer("redis-py: packing the script call, parsing its reply", ("redis/",)),
+    Layer("RQ: building its job hash (Job.create, to_dict)", ("rq/",)),
+    Layer("pydantic: validating the body, model_dump(_json)", ("pydantic",)),
+    Layer("uvicorn + httptools: HTTP parsing and writing", ("httptools", "uvicorn/")),
+    Layer("starlette: routing, middleware, JSONResponse", ("starlette/",)),
+    Layer("asyncio / uvloop: the event loop", ("asyncio/", "uvloop", "selectors.py")),
+    Layer("json (stdlib)", ("json/",)),
+    Layer("hive's own code", ("hive/", "shared/")),
+]
+#: Inclusive shares of these frames: the submit's steps.
+STEPS = [
+    Layer("JobService.submit, all of it", ("JobService.submit",)),
+    Layer("  RQ's job hash (JobService._rq_job_fields)", ("JobService._rq_job_fields",)),
+    Layer("  the submit script's round trip (EVALSHA, client side)", ("AsyncScript.__call__",)),
+]
 
 
 def raw_enqueues(redis_url: str, seconds: float) -> dict:
@@ -194,153 +88,146 @@ def raw_enqueues(redis_url: str, seconds: float) -> dict:
     return {"per_s": n / elapsed, "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
-#: py-spy's file paths → where the hive's CPU time goes, by the leaf-most frame that matches.
-LAYERS = [
-    ("redis-py: packing commands, parsing replies, socket calls", ("redis/",)),
-    ("RQ: building the job (enqueue_call, Job.to_dict, JSON)", ("rq/",)),
-    ("pydantic: validating the body, model_dump(_json)", ("pydantic",)),
-    ("uvicorn + h11: HTTP parsing and writing", ("h11/", "uvicorn/")),
-    ("starlette: routing, middleware, Request.json, JSONResponse", ("starlette/",)),
-    ("anyio: the run_in_threadpool hand-off", ("anyio/", "threading.py", "queue.py")),
-    ("asyncio: the event loop, transports", ("asyncio/", "selectors.py")),
-    ("json (stdlib)", ("json/",)),
-    ("hive's own code", ("hive/", "shared/")),
-]
-#: Inclusive shares of these frames (JobService._enqueue's steps).
-STEPS = [
-    ("JobService.submit → _enqueue (in the threadpool), all of it", "JobService._enqueue (hive/jobs.py"),
-    ("  the ZCARD ×2 pipeline (depth limits), round trip 1", "JobService._enqueue (hive/jobs.py:120)"),
-    ("  the claim Lua script (EVALSHA), round trip 2", "JobService._enqueue (hive/jobs.py:129)"),
-    ("  building the MULTI (HSET, XADD, ZADD…, RQ's job)", "JobService._enqueue (hive/jobs.py:156)"),
-    ("  executing the MULTI, round trip 3", "JobService._enqueue (hive/jobs.py:157)"),
-    ("  model_dump_json / model_dump of the spec", "model_dump"),
-]
+def start_hive(redis_url: str, logs: Path, count: int) -> tuple[processes.Proc, str]:
+    port = processes.free_port()
+    url = f"http://127.0.0.1:{port}"
+    hive = processes.start(
+        f"hive-{count}",
+        processes.hive_command(
+            "serve", "--redis-url", redis_url, "--port", str(port), "--queue", QUEUE, "--no-hub", "--processes", str(count),
+            "--max-queue", str(LIMIT), "--max-queue-per-model", str(LIMIT), "--log-level", "warning",
+        ),
+        logs,
+    )
+    processes.wait_until(lambda: bool(processes.health(url)), 60, "hive", (hive,))
+    return hive, url
 
 
-def profile_summary(collapsed: Path) -> list[tuple[str, float]]:
-    """Shares of the hive's GIL-holding samples (its CPU time in Python; waits on
-    sockets release the GIL and are not counted) by layer, then by step of the submit."""
-    layers: collections.Counter = collections.Counter()
-    steps: collections.Counter = collections.Counter()
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        n = int(n)
-        total += n
-        frames = stack.split(";")
-        for frame in reversed(frames):
-            layer = next((name for name, needles in LAYERS if any(needle in frame for needle in needles)), None)
-            if layer:
-                layers[layer] += n
-                break
-        else:
-            layers["other (interpreter, stdlib)"] += n
-        for name, needle in STEPS:
-            if any(needle in f for f in frames):
-                steps[name] += n
-    if not total:
-        return []
-    return [(name, layers[name] / total) for name, _ in LAYERS + [("other (interpreter, stdlib)", ())]] + [(name, steps[name] / total) for name, _ in STEPS]
-
-
-def run(rounds: int, seconds: float, connections: int, rate: float, profile: bool, write: bool, command: str, client: str = "raw", sustain: float = 300, hive_processes: int = 1) -> list[Figure]:
-    results = {"closed": [], "open": [], "sustain": [], "raw": [], "hive_cpu": []}
-    prof = None
+def run(args, command: str) -> list[Figure]:
+    counts = [int(n) for n in args.processes.split(",")]
+    body = json.dumps(BODY).encode()
+    results = {n: {"closed": [], "open": [], "sustain": [], "hive_cpu": []} for n in counts}
+    raw: list[dict] = []
+    profiled: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="hive-bench-submit-") as tmp:
         logs = Path(tmp)
         redis_proc, redis_url = processes.start_redis(logs)
-        port = processes.free_port()
-        url = f"http://127.0.0.1:{port}"
-        hive = processes.start(
-            "hive",
-            processes.hive_command(
-                "serve", "--redis-url", redis_url, "--port", str(port), "--queue", QUEUE, "--no-hub",
-                "--max-queue", str(LIMIT), "--max-queue-per-model", str(LIMIT), "--log-level", "warning",
-                "--processes", str(hive_processes),
-            ),
-            logs,
-        )
         connection = redis.Redis.from_url(redis_url)
+        hives = {}
         try:
-            processes.wait_until(lambda: bool(processes.health(url)), 60, "hive", (hive,))
-            asyncio.run(load(url, 1.0, connections, None, client))  # warm-up
-            for i in range(rounds):
-                connection.flushdb()
-                cpu0, t0 = cpu_seconds(hive.process.pid, children=True), time.perf_counter()
-                spy = None
-                if profile and i == 0 and shutil.which("py-spy"):
-                    prof = logs / "hive.collapsed"
-                    spy = subprocess.Popen(
-                        ["py-spy", "record", "--gil", "--nonblocking", "-d", str(int(seconds)), "-r", "100", "-p", str(hive.process.pid), "-f", "raw", "-o", str(prof)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            for n in counts:
+                hives[n] = start_hive(redis_url, logs, n)
+                asyncio.run(load(hives[n][1], body, 1.0, args.connections, None, args.client))  # warm-up
+            for i in range(args.rounds):
+                for n in counts:  # side by side: each round runs every configuration
+                    hive, url = hives[n]
+                    r = results[n]
+                    connection.flushdb()
+                    cpu0, t0 = cpu_seconds(hive.process.pid, children=True), time.perf_counter()
+                    spy = None
+                    if args.profile and i == 0 and n == counts[0] and shutil.which("py-spy"):
+                        collapsed = logs / "hive.collapsed"
+                        spy = subprocess.Popen(
+                            ["py-spy", "record", "--gil", "--nonblocking", "-d", str(int(args.seconds)), "-r", "200", "-p", str(hive.process.pid), "-f", "raw", "-o", str(collapsed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        )
+                        time.sleep(0.5)
+                    r["closed"].append(asyncio.run(load(url, body, args.seconds, args.connections, None, args.client)))
+                    r["hive_cpu"].append((cpu_seconds(hive.process.pid, children=True) - cpu0) / (time.perf_counter() - t0))
+                    if spy is not None:
+                        spy.wait(30)
+                        if collapsed.exists():
+                            profiled = shares(collapsed.read_text(), LAYERS, STEPS)
+                    connection.flushdb()
+                    r["open"].append(asyncio.run(load(url, body, args.seconds, args.connections, args.rate, args.client)))
+                    connection.flushdb()
+                    r["sustain"].append(asyncio.run(load(url, body, args.seconds, args.connections, args.sustain_rate, args.client)))
+                    c, o = r["closed"][-1], r["open"][-1]
+                    print(
+                        f"round {i + 1}, {n} process(es): closed {c['per_s']:.0f}/s p50 {c['p50_ms']:.1f} p99 {c['p99_ms']:.1f} ms "
+                        f"(hive CPU {r['hive_cpu'][-1]:.2f} cores, client {c['client_cpu']:.2f}); "
+                        f"open @{args.rate:.0f}/s: {o['per_s']:.0f}/s p50 {o['p50_ms']:.1f} p99 {o['p99_ms']:.1f} ms errors {o['errors']} late {o['late']}",
+                        file=sys.stderr,
                     )
-                    time.sleep(0.5)
-                results["closed"].append(asyncio.run(load(url, seconds, connections, None, client)))
-                results["hive_cpu"].append((cpu_seconds(hive.process.pid, children=True) - cpu0) / (time.perf_counter() - t0))
-                if spy is not None:
-                    spy.wait(30)
                 connection.flushdb()
-                results["open"].append(asyncio.run(load(url, seconds, connections, rate, client)))
-                connection.flushdb()
-                results["sustain"].append(asyncio.run(load(url, seconds, connections, sustain, client)))
-                connection.flushdb()
-                results["raw"].append(raw_enqueues(redis_url, seconds))
-                c, o, r = results["closed"][-1], results["open"][-1], results["raw"][-1]
-                print(
-                    f"round {i + 1}: closed {c['per_s']:.0f}/s p50 {c['p50_ms']:.1f} p99 {c['p99_ms']:.1f} ms (hive CPU {results['hive_cpu'][-1]:.2f} cores, client {c['client_cpu']:.2f}); "
-                    f"open @{rate:.0f}/s: {o['per_s']:.0f}/s p50 {o['p50_ms']:.1f} p99 {o['p99_ms']:.1f} ms errors {o['errors']} late {o['late']}; open @{sustain:.0f}/s: p99 {results['sustain'][-1]['p99_ms']:.1f} ms; raw RQ {r['per_s']:.0f}/s",
-                    file=sys.stderr,
-                )
-            if prof is not None and prof.exists():
-                shutil.copy(prof, "/tmp/submit.collapsed")
+                raw.append(raw_enqueues(redis_url, args.seconds))
+                print(f"round {i + 1}: raw RQ {raw[-1]['per_s']:.0f}/s", file=sys.stderr)
         finally:
             connection.close()
-            for proc in (hive, redis_proc):
-                proc.stop()
-        profile_lines = profile_summary(prof) if prof is not None and prof.exists() else []
+            for hive, _ in hives.values():
+                hive.stop()
+            redis_proc.stop()
 
-    closed, opened, raw = results["closed"], results["open"], results["raw"]
-    med = lambda rows, k: statistics.median(r[k] for r in rows)
-    errors = sum(sum(r["errors"].values()) for r in closed + opened + results["sustain"])
-    met = med(opened, "per_s") >= TARGET_RATE * 0.99 and med(opened, "p99_ms") <= TARGET_P99_MS and med(closed, "per_s") >= TARGET_RATE
-    figs = [
-        Figure("submit", f"POST /v1/inference per second, closed loop, {connections} connections", f"≥ {TARGET_RATE:,}", spread([r["per_s"] for r in closed], ".0f"), med(closed, "per_s") >= TARGET_RATE),
-        Figure("submit", f"p99 latency, open loop at {rate:.0f}/s (achieved {med(opened, 'per_s'):.0f}/s)", f"≤ {TARGET_P99_MS:.0f} ms", spread([r["p99_ms"] for r in opened], ".1f") + " ms", met),
-        Figure("submit", "raw RQ enqueue_call per second, one process (reference)", "report", spread([r["per_s"] for r in raw], ".0f"), None),
-    ]
-    table = "\n".join([
-        "| figure | measured |",
-        "| --- | --- |",
-        f"| closed loop, {connections} connections: 202s per second | **{spread([r['per_s'] for r in closed], '.0f')}** |",
-        f"| closed loop: latency p50 / p99 | {spread([r['p50_ms'] for r in closed], '.1f')} / {spread([r['p99_ms'] for r in closed], '.1f')} ms |",
-        f"| closed loop: hive CPU, cores busy / client CPU, cores busy | {spread(results['hive_cpu'], '.2f')} / {spread([r['client_cpu'] for r in closed], '.2f')} |",
-        f"| open loop at {rate:.0f}/s: 202s per second | {spread([r['per_s'] for r in opened], '.0f')} |",
-        f"| open loop at {rate:.0f}/s: latency from due time, p50 / p99 / max | {spread([r['p50_ms'] for r in opened], '.1f')} / **{spread([r['p99_ms'] for r in opened], '.1f')}** / {spread([r['max_ms'] for r in opened], '.0f')} ms |",
-        f"| open loop at {rate:.0f}/s: due but unsent when the run ended | {spread([r['late'] for r in opened], '.0f')} |",
-        f"| open loop at {sustain:.0f}/s: 202s per second | {spread([r['per_s'] for r in results['sustain']], '.0f')} |",
-        f"| open loop at {sustain:.0f}/s: latency from due time, p50 / p99 / max | {spread([r['p50_ms'] for r in results['sustain']], '.1f')} / {spread([r['p99_ms'] for r in results['sustain']], '.1f')} / {spread([r['max_ms'] for r in results['sustain']], '.0f')} ms |",
-        f"| errors (non-202 or transport), all runs | {errors} |",
-        f"| raw RQ `enqueue_call` per second, one process (reference) | {spread([r['per_s'] for r in raw], '.0f')} |",
-        f"| raw RQ `enqueue_call` latency p50 / p99 | {spread([r['p50_ms'] for r in raw], '.2f')} / {spread([r['p99_ms'] for r in raw], '.2f')} ms |",
-        f"| hive closed loop / raw RQ | {statistics.median(c['per_s'] / r['per_s'] for c, r in zip(closed, raw)):.2f}× |",
-    ])
+    med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
+    best = max(counts)
+
+    def met(n: int) -> bool:
+        r = results[n]
+        return med(r["open"], "per_s") >= TARGET_RATE * 0.99 and med(r["open"], "p99_ms") <= TARGET_P99_MS and med(r["closed"], "per_s") >= TARGET_RATE
+
+    figs = []
+    for n in counts:
+        r = results[n]
+        label = f"{n} hive process{'es' if n > 1 else ''}"
+        figs += [
+            Figure("submit", f"POST /v1/inference per second, closed loop, {label}", f"≥ {TARGET_RATE:,}", spread([x["per_s"] for x in r["closed"]], ".0f"), med(r["closed"], "per_s") >= TARGET_RATE),
+            Figure("submit", f"p99 latency, open loop at {args.rate:.0f}/s, {label}", f"≤ {TARGET_P99_MS:.0f} ms", spread([x["p99_ms"] for x in r["open"]], ".1f") + " ms", met(n)),
+        ]
+    figs.append(Figure("submit", "raw RQ enqueue_call per second, one process (reference)", "report", spread([x["per_s"] for x in raw], ".0f"), None))
+    table = report(results, raw, args)
     verdict = (
-        f"Target ≥ {TARGET_RATE:,} submits/s with p99 ≤ {TARGET_P99_MS:.0f} ms: {'met' if met else 'MISSED'} "
-        f"(closed loop {med(closed, 'per_s'):.0f}/s; at {rate:.0f}/s offered, {med(opened, 'per_s'):.0f}/s achieved with p99 {med(opened, 'p99_ms'):.1f} ms)."
+        f"Target ≥ {TARGET_RATE:,} submits/s with p99 ≤ {TARGET_P99_MS:.0f} ms: "
+        + "; ".join(f"{n} process{'es' if n > 1 else ''}: {'met' if met(n) else 'MISSED'}" for n in counts)
+        + f" (with {best}: closed loop {med(results[best]['closed'], 'per_s'):.0f}/s; at {args.rate:.0f}/s offered, "
+        f"{med(results[best]['open'], 'per_s'):.0f}/s achieved with p99 {med(results[best]['open'], 'p99_ms'):.1f} ms)."
     )
     prof_table = ""
-    if profile_lines:
-        prof_table = "\n".join(["| where the hive's CPU time goes (py-spy --gil, closed loop; layer by the leaf-most frame, then steps inclusive) | share |", "| --- | --- |"] + [f"| {n} | {s:.0%} |" for n, s in profile_lines])
+    if profiled:
+        prof_table = "\n".join(
+            [f"| where one hive process's CPU time goes (py-spy --gil, closed loop, {counts[0]} process) | share |", "| --- | --- |"]
+            + [f"| {name} | {share:.0%} |" for name, share in profiled]
+        )
     print(table + "\n\n" + verdict + ("\n\n" + prof_table if prof_table else ""))
-    print("raw: " + json.dumps(results), file=sys.stderr)
-    if write:
-        write_doc(table, verdict, prof_table, command, rounds, seconds, connections, rate)
+    print("raw: " + json.dumps({"hive": {str(n): r for n, r in results.items()}, "rq": raw}), file=sys.stderr)
+    if not args.no_write:
+        write_doc(table, verdict, prof_table, command, args)
     return figs
 
 
-def write_doc(table: str, verdict: str, prof_table: str, command: str, rounds: int, seconds: float, connections: int, rate: float) -> None:
+def report(results: dict, raw: list[dict], args) -> str:
+    counts = list(results)
+    col = lambda key, field, fmt: " | ".join(spread([x[field] for x in results[n][key]], fmt) for n in counts)  # noqa: E731
+    header = " | ".join(f"{n} hive process{'es' if n > 1 else ''}" for n in counts)
+    rq = statistics.median(x["per_s"] for x in raw)
+    return "\n".join([
+        f"| figure | {header} |",
+        "| --- |" + " --- |" * len(counts),
+        f"| closed loop, {args.connections} connections: 202s per second | {col('closed', 'per_s', '.0f')} |",
+        f"| closed loop: latency p50 | {col('closed', 'p50_ms', '.1f')} ms |",
+        f"| closed loop: latency p99 | {col('closed', 'p99_ms', '.1f')} ms |",
+        "| closed loop: hive CPU, cores busy | " + " | ".join(spread(results[n]["hive_cpu"], ".2f") for n in counts) + " |",
+        f"| closed loop: client CPU, cores busy | {col('closed', 'client_cpu', '.2f')} |",
+        f"| open loop at {args.rate:.0f}/s: 202s per second | {col('open', 'per_s', '.0f')} |",
+        f"| open loop at {args.rate:.0f}/s: latency from due time, p50 | {col('open', 'p50_ms', '.1f')} ms |",
+        f"| **open loop at {args.rate:.0f}/s: latency from due time, p99** | {col('open', 'p99_ms', '.1f')} ms |",
+        f"| open loop at {args.rate:.0f}/s: max | {col('open', 'max_ms', '.0f')} ms |",
+        f"| open loop at {args.rate:.0f}/s: due but unsent when the run ended | {col('open', 'late', '.0f')} |",
+        f"| open loop at {args.sustain_rate:.0f}/s: latency p50 / p99 | " + " | ".join(
+            f"{spread([x['p50_ms'] for x in results[n]['sustain']], '.1f')} / {spread([x['p99_ms'] for x in results[n]['sustain']], '.1f')} ms" for n in counts
+        ) + " |",
+        "| errors (non-202 or transport), all runs | " + " | ".join(
+            str(sum(sum(x["errors"].values()) for key in ("closed", "open", "sustain") for x in results[n][key])) for n in counts
+        ) + " |",
+        "| closed loop / raw RQ enqueue_call | " + " | ".join(f"{med_per_s(results[n]['closed']) / rq:.2f}×" for n in counts) + " |",
+        f"| raw RQ `enqueue_call` per second, one process (reference) | {spread([x['per_s'] for x in raw], '.0f')}; latency p50 {spread([x['p50_ms'] for x in raw], '.2f')} ms, p99 {spread([x['p99_ms'] for x in raw], '.2f')} ms |" + " |" * (len(counts) - 1),
+    ])
+
+
+def med_per_s(rows: list[dict]) -> float:
+    return statistics.median(x["per_s"] for x in rows)
+
+
+def write_doc(table: str, verdict: str, prof_table: str, command: str, args) -> None:
     from bench.relay import machine
 
     section = f"""## Submit
@@ -348,58 +235,43 @@ def write_doc(table: str, verdict: str, prof_table: str, command: str, rounds: i
 Command: `{command}`. Machine: {machine()}.
 Measured {time.strftime('%Y-%m-%d')}, with nothing else running on this machine.
 
-One `hive serve` (one uvicorn process) on its own redis-server, no worker: the jobs just queue
-(the benchmark FLUSHDBs its redis between runs; depth limits far above a run's count, so no 429).
-The load generator is the benchmark's own process: a minimal asyncio HTTP/1.1 client, keep-alive,
-{connections} connections opened before the run, posting a small valid `POST /v1/inference` body (httpx's
-`AsyncClient` spent a whole core on about 230 requests/s, more than the hive, so it could not load the
-hive from the same 2 cores; `--client httpx` still measures with it). It shares the 2 cores with the
-hive and redis-server; its own CPU is in the table. {rounds} rounds of {seconds:.0f} s each: closed loop (each
-connection posts again as soon as it has its answer: the most the hive answers), open loop at
-{rate:.0f} requests/s (latency counted from when each request was due, so queueing behind a slow hive
-counts), open loop at a rate the hive keeps up with, and the reference: `rq.Queue.enqueue_call` (JSONSerializer, `{RUN_INFERENCE}`) in a loop
-from one Python process, one Redis round trip each. Medians, min–max in brackets.
+`hive serve` with 1 and with 2 processes (`--processes`) on one redis-server, side by side in
+each round; no worker: the jobs just queue (the benchmark FLUSHDBs its redis between runs; depth
+limits far above a run's count, so no 429). The load generator is the benchmark's own process:
+a minimal asyncio HTTP/1.1 client (bench/http_load.py), keep-alive, {args.connections} connections
+opened before the run, posting a small valid `POST /v1/inference` body (httpx's `AsyncClient`
+spent a whole core on about 230 requests/s, more than the hive, so it could not load the hive
+from the same 2 cores). It shares the 2 cores with the hive and redis-server; its own CPU is in
+the table. {args.rounds} rounds of {args.seconds:.0f} s each: closed loop (each connection posts again as soon as
+it has its answer: the most the hive answers), open loop at {args.rate:.0f} requests/s (latency
+counted from when each request was due, so queueing behind a slow hive counts), open loop at
+{args.sustain_rate:.0f}/s, and the reference: `rq.Queue.enqueue_call` (JSONSerializer, `{RUN_INFERENCE}`)
+in a loop from one Python process, one Redis round trip each. Medians, min–max in brackets.
 
 {table}
 
 {verdict}
 {chr(10) + prof_table + chr(10) if prof_table else ''}
-{PROFILE_NOTES}
+{FINDINGS}
 """
     replace_section("Submit", section)
 
 
-#: Where the time goes per submit, from py-spy on the hive during a closed-loop run
-#: (see the report of the run that wrote this section).
-PROFILE_NOTES = """\
-Where the time goes. The hive is CPU-bound: in the closed loop it keeps about one core busy (one
-uvicorn process, one GIL) at some 370–440 submits/s, about 2.5 ms of CPU per submit; 1,500/s in one
-process needs about 0.65 ms. py-spy (`--gil`: samples of the thread holding the GIL, i.e. its CPU
-time in Python; a few hundred samples, so ± a few %) puts about half of it inside
-`JobService._enqueue`, run in anyio's threadpool, and nearly half of all of it in redis-py's
-pure-Python command packing (`PythonRespSerializer.pack`, `Encoder.encode`), reply parsing (no
-hiredis installed) and socket calls, for three round trips per submit: the ZCARD ×2 pipeline of
-the depth limits, the claim script (EVALSHA, run even with no worker at all), and the MULTI of
-about 14 commands (job record, its TTLs, the `queued` event, the jobs index with its
-ZREMRANGEBYSCORE, the two depth ZADDs, RQ's job HSET and queue push). The table above gives the
-rest: uvicorn + h11, starlette, the threadpool hand-off, RQ's job building (`Job.to_dict`,
-`utcformat`, JSON); pydantic is a few %.
+FINDINGS = """\
+What changed, from profiles (py-spy on the hive):
 
-Proposed fixes, in the order of their expected gain; 2 is applied since (before it, with the
-fan-out benchmark running beside: 381/s closed loop, p99 140 ms; the figures above are after,
-on a quiet machine):
-1. One round trip per submit: one Lua script (or a MULTI whose commands no longer depend on the
-   checks) that checks both depths, claims an idle warm worker and writes the job, or at least
-   the depth checks folded into the claim script; and drop the per-submit ZREMRANGEBYSCORE of the
-   jobs index (trim it in the hive's periodic sweep instead).
-2. `redis[hiredis]`: the C reply parser (and cheaper per-command overhead).
-3. Submit on the event loop with `redis.asyncio` instead of `run_in_threadpool` and the sync client:
-   no thread hand-off, no GIL ping-pong between the loop and 40 threads.
-4. Write RQ's job hash directly (its fields are fixed) instead of `enqueue_call` building a `Job`.
-5. uvicorn with `httptools` instead of h11, and several hive processes (`--workers`, or a second
-   `hive serve` behind the same Redis): the hive holds no per-process state for a submit. On these
-   2 cores, shared with redis-server and the client, that alone cannot reach 1,500/s; with 1–3 it
-   should.
+| | submits/s, closed loop, 1 process | p99 at 1,500/s offered |
+| --- | --- | --- |
+| three round trips per submit in the thread pool, redis-py's Python parser, h11 (issue 6's first run) | 381 | 2.8 s (459/s achieved) |
+| + hiredis | 459–488 | 2.8 s |
+| + one Lua script per submit, from the event loop (`redis.asyncio`), RQ's hash written by the script | 1,325–1,904 (h11: 1,345–1,379) | 25–270 ms |
+| + httptools and uvloop (`hive/http_server.py`) | in the row above | |
+| + a second hive process (`--processes 2`) | 1,970–2,618 | 39–42 ms |
+
+One hive process is CPU-bound at one core from about 1,400–1,900 submits/s: at 1,500/s offered
+it has no headroom left on this machine, where the client and redis-server share its two cores,
+and its p99 swings with the machine's noise. A second process (the hive holds no state of its
+own for a submit: every process can take any request) gives it the headroom.
 """
 
 
@@ -408,15 +280,18 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each run (closed, open, raw)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--processes", default="1,2", help="hive processes to compare (hive serve --processes), comma-separated")
     parser.add_argument("--rate", type=float, default=TARGET_RATE, help="the open loop's offered requests per second")
     parser.add_argument("--sustain-rate", type=float, default=300, help="a second open loop, at a rate the hive keeps up with")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="the load generator: a minimal keep-alive HTTP/1.1 client, or httpx.AsyncClient")
-    parser.add_argument("--hive-processes", type=int, default=1, help="hive processes sharing the port (hive serve --processes)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the hive during the first closed-loop run")
+    parser.add_argument("--profile", action="store_true", help="py-spy the first configuration's hive during the first closed-loop run")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
-    command = f"python -m bench.submit --rounds {args.rounds} --seconds {args.seconds:g} --connections {args.connections} --sustain-rate {args.sustain_rate:g}" + (" --profile" if args.profile else "") + (f" --client {args.client}" if args.client != "raw" else "") + (f" --hive-processes {args.hive_processes}" if args.hive_processes != 1 else "")
-    return run(args.rounds, args.seconds, args.connections, args.rate, args.profile, not args.no_write, command, args.client, args.sustain_rate, args.hive_processes)
+    command = (
+        f"python -m bench.submit --rounds {args.rounds} --seconds {args.seconds:g} --connections {args.connections} --processes {args.processes}"
+        + (" --profile" if args.profile else "") + (f" --client {args.client}" if args.client != "raw" else "")
+    )
+    return run(args, command)
 
 
 if __name__ == "__main__":
