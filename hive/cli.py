@@ -82,7 +82,6 @@ def serve(
     import functools
 
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from .app import create_app
     from .auth import read_keys
@@ -115,7 +114,7 @@ def serve(
         hub_upstream=hub_upstream if hub else "",
         hub_cache=hub_cache,
     )
-    from .http_server import SERVER_OPTIONS
+    from .http_server import SERVER_OPTIONS, ReusePortProcesses
 
     config = uvicorn.Config(
         functools.partial(create_app, settings),
@@ -135,7 +134,12 @@ def serve(
     # uvicorn.run() takes several processes only with an app import string, which
     # would leave the settings to the environment; its supervisor itself accepts
     # any picklable factory, so each process gets these settings, parsed once here.
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    try:
+        supervisor = ReusePortProcesses(config)
+        supervisor.check_port()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {e.strerror}", param_hint="--port") from e
+    supervisor.run()
 
 
 @app.command()

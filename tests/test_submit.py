@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -139,3 +140,16 @@ def test_serve_with_two_processes_takes_and_streams_every_job_then_stops_cleanly
         hive.stop()
     assert hive.process.returncode == 0, hive.log()[-3000:]
     assert "Traceback" not in hive.log()
+
+
+@pytest.mark.parametrize("count", ["1", "2"])
+def test_serve_on_a_port_in_use_exits_non_zero_with_a_clear_message(redis_url, count):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = processes.run_hive("serve", "--redis-url", redis_url, "--port", port, "--processes", count, "--no-hub", timeout=60)
+    assert done.returncode != 0
+    output = " ".join((done.stderr + done.stdout).replace("│", " ").split()).lower()  # unwrapped from rich's box
+    assert "traceback" not in output
+    assert "address already in use" in output
