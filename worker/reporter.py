@@ -64,8 +64,9 @@ class JobReporter:
         last, cancel_flag = pipe.execute()[:2]
         # Go on from the last event in the log (the hive wrote `queued`).
         self.seq = events.seq_of(last[0][0]) if last else 0
-        #: The connection whose replies (this many) emit_token has yet to read.
-        self._unread: tuple[redis.Connection, int] | None = None
+        #: The connection emit_token writes on, and how many of its replies are unread.
+        self._tokens: redis.Connection | None = None
+        self._unread = 0
         #: The job was cancelled before this worker took it.
         self.cancelled_before_start = bool(cancel_flag)
 
@@ -86,11 +87,9 @@ class JobReporter:
         """Appends and publishes ``token`` without waiting for Redis's replies (read
         at the next write). redis-py has no such call, hence its connection's own
         send and read; a Redis error surfaces at the next write."""
-        self._settle()
+        connection = self._token_connection()
         self.seq += 1
         data = token.to_json()
-        pool = self.redis.connection_pool
-        connection = pool.get_connection()
         try:
             connection.send_packed_command(
                 connection.pack_commands(
@@ -101,32 +100,48 @@ class JobReporter:
                 )
             )
         except BaseException:
-            connection.disconnect()
-            pool.release(connection)
+            self._drop_token_connection()
             raise
-        self._unread = (connection, 2)
+        self._unread = 2
+
+    def _token_connection(self) -> redis.Connection:
+        """The connection tokens go out on, held from the first token to the next
+        other write (a pool checkout per token cost more than the send itself),
+        with the previous token's replies read."""
+        if self._tokens is None:
+            self._tokens = self.redis.connection_pool.get_connection()
+        else:
+            self._read_replies()
+        return self._tokens
+
+    def _read_replies(self) -> None:
+        try:
+            while self._unread:
+                self._tokens.read_response()
+                self._unread -= 1
+        except BaseException:
+            self._drop_token_connection()  # the replies after an error stay unread
+            raise
 
     def _settle(self) -> None:
-        """Reads the replies emit_token left, so what follows is written after it."""
-        if self._unread is None:
+        """Before any other write: the tokens' replies are read, so the write lands
+        after them, and their connection goes back to the pool."""
+        if self._tokens is None:
             return
-        (connection, count), self._unread = self._unread, None
-        try:
-            for _ in range(count):
-                connection.read_response()
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            self.redis.connection_pool.release(connection)
+        self._read_replies()
+        self.redis.connection_pool.release(self._tokens)
+        self._tokens = None
+
+    def _drop_token_connection(self) -> None:
+        connection, self._tokens, self._unread = self._tokens, None, 0
+        connection.disconnect()
+        self.redis.connection_pool.release(connection)
 
     def close(self) -> None:
-        """Gives back a connection with replies still unread (a job that ended
-        without its terminal event); they are dropped with the connection."""
-        if self._unread is not None:
-            connection, self._unread = self._unread[0], None
-            connection.disconnect()
-            self.redis.connection_pool.release(connection)
+        """Gives back the tokens' connection of a job that ended without its
+        terminal event; replies still unread are dropped with the connection."""
+        if self._tokens is not None:
+            self._drop_token_connection()
 
     def update(self, state: JobState | None = None, **fields) -> None:
         self._settle()
