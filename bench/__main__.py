@@ -42,7 +42,7 @@ def relay_figures(stdout: str) -> list[Figure]:
     pattern = r"- (\S+): throughput.*\n\s+Added TTFT ([+\-\d.]+) ms, p99 ([+\-\d.]+) ms — target (.+?) (met|MISSED);"
     for m in re.finditer(pattern, stdout):
         figures.append(Figure("relay", f"added warm TTFT (median, p99), {m[1]}", m[4], f"{m[2]}, p99 {m[3]} ms", m[5] == "met"))
-    pattern = r"- (\S+): throughput.*\n.*\n\s+The hive's own part of its TTFT .*?: ([\d.]+) ms, p99 ([\d.]+) ms"
+    pattern = r"- (\S+): throughput[^\n]*\n(?:  [^\n]*\n)*?  The hive's own part[^:]*: ([\d.]+) ms, p99 ([\d.]+) ms"
     for m in re.finditer(pattern, stdout):
         figures.append(Figure("relay", f"the hive's own part of the warm TTFT (median, p99), {m[1]}", "report", f"{m[2]}, p99 {m[3]} ms", None))
     return figures
