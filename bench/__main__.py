@@ -19,7 +19,7 @@ import sys
 import time
 
 from bench import download, fanout, load, redis_cmds, submit
-from bench.doc import replace_section
+from bench.doc import replace_section, section_text
 from bench.figure import Figure
 
 #: name → the command line of each benchmark, with this suite's small defaults.
@@ -102,14 +102,22 @@ def main() -> None:
         from bench.relay import machine
 
         command = "python -m bench" + ("" if selected == list(COMMANDS) else f" --only {','.join(selected)}")
+        runs = f"`{command}` ({(time.monotonic() - started) / 60:.0f} min, {time.strftime('%Y-%m-%d %H:%M')})"
+        previous = section_text("Summary")
+        if selected != list(COMMANDS) and previous:
+            # A partial run replaces its benchmarks' rows and keeps the others, in suite order.
+            kept = [row for row in previous.splitlines() if row.startswith("| ") and row.split(" | ")[0][2:] in set(COMMANDS) - set(selected)]
+            rows = kept + summary.splitlines()[2:]
+            summary = "\n".join(summary.splitlines()[:2] + sorted(rows, key=lambda row: list(COMMANDS).index(row.split(" | ")[0][2:])))
+            earlier = re.search(r"^Commands?: (.*?)\. Machine", previous, re.M)
+            runs = (earlier[1] + "; then " if earlier else "") + runs
         section = f"""## Summary
 
-Command: `{command}` ({(time.monotonic() - started) / 60:.0f} min). Machine: {machine()}.
-Measured {time.strftime('%Y-%m-%d')}.
+Commands: {runs}. Machine: {machine()}.
 
 Each figure next to its target; the sections below give each benchmark's method, its full
-table and the spread (medians, min–max). The benchmarks ran one after the other with these
-commands: {'; '.join(f"`{' '.join(COMMANDS[n])}`" for n in selected)}.
+table and the spread (medians, min–max). The benchmarks run one after the other with these
+commands: {'; '.join(f"`{' '.join(c)}`" for c in COMMANDS.values())}.
 
 {summary}
 """

@@ -23,3 +23,11 @@ def replace_section(title: str, section: str, doc: Path = DOC) -> None:
         sections[at] = new
     doc.write_text("\n## ".join(part if part.endswith("\n") else part + "\n" for part in [head, *sections]))
     print(f"wrote the '{title}' section of {doc}", file=sys.stderr)
+
+
+def section_text(title: str, doc: Path = DOC) -> str:
+    """The ``## <title>`` section of ``doc`` without its heading, or ""."""
+    if not doc.exists():
+        return ""
+    _, *sections = doc.read_text().split("\n## ")
+    return next((s for s in sections if s.startswith(title)), "")
