@@ -63,8 +63,8 @@ LAYERS = [
 ]
 #: Inclusive shares of these frames: the submit's steps.
 STEPS = [
-    Layer("JobService.submit, all of it", ("JobService.submit",)),
-    Layer("  RQ's job hash (JobService._rq_job_fields)", ("JobService._rq_job_fields",)),
+    Layer("Submitter.submit, all of it", ("Submitter.submit",)),
+    Layer("  RQ's job hash (Submitter._rq_job_fields)", ("Submitter._rq_job_fields",)),
     Layer("  the submit script's round trip (EVALSHA, client side)", ("AsyncScript.__call__",)),
 ]
 

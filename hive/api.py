@@ -16,9 +16,10 @@ from shared.spec import InferenceRequest, PullRequest
 
 from .auth import Principal
 from .errors import ApiError
-from .jobs import JobFinished, JobNotFound, QueueFull
+from .jobs import JobFinished, JobNotFound
 from .openapi import openapi_schema
 from .sse import JobEventStream
+from .submit import QueueFull
 
 SHUTDOWN_GRACE_S = 2.0
 

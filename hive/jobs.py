@@ -1,38 +1,28 @@
-"""Submitting jobs and reading their status, on the hive's side of Redis.
-
-Submission checks the depth limits, claims a warm worker and writes the job
-record, the first event (``queued``) and the RQ job in one Lua script: one round
-trip, and a job is either wholly accepted or not at all.
-
-Routing: each worker listens to its own RQ queue, then to the cluster's shared
-one. A job whose model an idle worker already holds goes to that worker's own
-queue (the worker is claimed from the model's idle set with ZPOPMAX, so two jobs
-never pick the same idle worker); any other job goes to the shared queue, where
-the first free worker takes it. A job left on the own queue of a worker that is
-busy (a claim raced with it taking another job) or dead is handed on to the
-front of the shared queue by the reaper within a second.
+"""Jobs on the hive's side of Redis once submitted (hive/submit.py): status,
+cancels, retries after a lost worker, queue-wait timeouts, queue positions, and
+jobs stranded on a busy or dead worker's own queue, which the reaper hands on to
+the front of the shared queue within a second.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
-import uuid
 from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
 from rq import Queue
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import now as rq_now
 from starlette.concurrency import run_in_threadpool
 
 from shared import events, jobs, keys
 from shared.events import Error, Queued, Retry
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
+
+from .submit import Submitter
 
 
 class JobNotFound(Exception):
@@ -45,12 +35,6 @@ class JobFinished(Exception):
     def __init__(self, state: str):
         super().__init__(f"the job is already {state}")
         self.state = state
-
-class QueueFull(Exception):
-    """Too many jobs waiting, in all or for this model: come back later."""
-
-    retry_after_s = 5
-
 
 #: Queue positions are kept up to date for this many waiting jobs (those further
 #: back hear of theirs once they move up): every pickup shifts them all.
@@ -73,74 +57,6 @@ return 1
 """
 
 
-# Submits a job in one step: the depth checks, the claim of a warm worker, and
-# every write (job record, first event, jobs index, waiting sets, RQ's job and its
-# queue), so a job is either wholly accepted or not at all, in one round trip.
-#
-# The claim: the most recently idle worker of the model's idle set that is alive
-# (a heartbeat since ARGV[4]) and not claimed already through another model's set
-# (SET NX on its claim key, ARGV[5] .. name: a worker idle for two models sits in
-# both sets). Dead or claimed entries are dropped on the way; the worker lists
-# itself again when it is idle. A claimed worker gets the job on its own RQ queue
-# (ARGV[10] .. name) and the job waits behind no one.
-#
-# The keys of a worker's own queue and of RQ's job are built here from prefixes
-# (which worker is claimed is only known here): one Redis, not a cluster.
-# Returns {0, position, worker or ""}, or {1, waiting} / {2, waiting for the model}
-# when a depth limit is reached.
-_SUBMIT = """
-local waiting = redis.call('ZCARD', KEYS[1])
-if waiting >= tonumber(ARGV[1]) then return {1, waiting} end
-local for_model = redis.call('ZCARD', KEYS[2])
-if for_model >= tonumber(ARGV[2]) then return {2, for_model} end
-local worker = ''
-if ARGV[12] == '1' then
-  while true do
-    local popped = redis.call('ZPOPMAX', KEYS[3])
-    if #popped == 0 then break end
-    local name = popped[1]
-    local beat = redis.call('ZSCORE', KEYS[4], name)
-    if beat and tonumber(beat) >= tonumber(ARGV[4]) then
-      if redis.call('SET', ARGV[5] .. name, '1', 'NX', 'PX', ARGV[6]) then worker = name; break end
-    end
-  end
-end
-local rq_queue, position = ARGV[9], waiting + 1
-if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
-local now, ttl, job_id = tonumber(ARGV[3]), ARGV[7], ARGV[8]  -- ARGV[3] as sent for the scores
--- The job's record (ARGV[19]) and RQ's hash (ARGV[20]) come as JSON objects of
--- strings, RQ's binary fields as pairs after them: a few long arguments cost the
--- hive far less to send than fifty short ones.
-local function flat(object, into)
-  for field, value in pairs(cjson.decode(object)) do
-    into[#into + 1] = field
-    into[#into + 1] = value
-  end
-  return into
-end
-local record = flat(ARGV[19], {ARGV[15], rq_queue, ARGV[16], position})
-local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 21, #ARGV)})
-redis.call('HSET', KEYS[5], unpack(record))
-redis.call('EXPIRE', KEYS[5], ttl)
-redis.call('XADD', KEYS[6], ARGV[17], 'e', ARGV[18], 'd', ARGV[13] .. position .. ARGV[14])
-redis.call('EXPIRE', KEYS[6], ttl)
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - tonumber(ttl))
-redis.call('ZADD', KEYS[7], ARGV[3], job_id)
-redis.call('EXPIRE', KEYS[7], ttl)
-for i = 1, 2 do
-  redis.call('ZADD', KEYS[i], ARGV[3], job_id)
-  redis.call('EXPIRE', KEYS[i], ttl)
-end
-redis.call('HSET', KEYS[8], unpack(rq_fields))
-redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
-redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
-return {0, position, worker}
-"""
-
-#: The `queued` event's JSON around its position, which only the submit script knows.
-_QUEUED_HEAD, _QUEUED_TAIL = Queued(-1).to_json().split("-1")
-
-
 class JobService:
     def __init__(
         self,
@@ -156,94 +72,12 @@ class JobService:
         self.on_end = on_end
         self.redis = connection
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
-        self._submit = connection.register_script(_SUBMIT)
+        self._submitter = Submitter(settings, connection, self.queue.connection)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
-        """Returns (job id, queue position). A PullRequest downloads the model only.
-
-        One round trip (the submit script); the hive holds nothing of the job."""
-        job_id = uuid.uuid4().hex
-        kind = "pull" if isinstance(request, PullRequest) else "inference"
-        queue, model = self.queue.name, request.model
-        now = time.time()
-        record = {
-            jobs.SPEC: request.model_dump_json(),
-            jobs.STATE: JobState.queued.value,
-            jobs.MODEL: model,
-            jobs.REVISION: request.revision or "",
-            jobs.CREATED_AT: str(now),
-            jobs.ATTEMPT: "1",
-            jobs.RQ_ID: job_id,
-            jobs.QUEUE: queue,
-            jobs.KIND: kind,
-            jobs.OWNER: owner,
-        }
-        rq_job = self._rq_job_fields(job_id, job_id, request.model_dump(mode="json"), kind)
-        outcome = await self._submit(
-            keys=[
-                keys.queued(queue),
-                keys.queued_for_model(queue, model),
-                keys.idle_with(queue, model, request.revision),
-                keys.workers(queue),
-                keys.job(job_id),
-                keys.job_events(job_id),
-                keys.jobs_index(queue),
-                Job.key_for(job_id),
-                Queue.redis_queues_keys,
-            ],
-            args=[
-                self.settings.max_queue,
-                self.settings.max_queue_per_model,
-                now,
-                now - keys.WORKER_DEAD_AFTER_S,
-                keys.worker_claim(""),
-                keys.CLAIM_TTL_MS,
-                self.settings.job_ttl_s,
-                job_id,
-                queue,
-                keys.worker_queue(queue, ""),
-                Queue.redis_queue_namespace_prefix,
-                int(kind == "inference"),  # pulls go to any worker: the shared queue
-                _QUEUED_HEAD,
-                _QUEUED_TAIL,
-                jobs.RQ_QUEUE,
-                jobs.POSITION,
-                events.stream_id(1),
-                Queued.type,
-                json.dumps(record),
-                # str first: RQ's JobStatus is a str enum, whose str() is its name.
-                json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
-                *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
-            ],
-        )
-        code, count = outcome[0], outcome[1]
-        # Checked against the waiting sets as they are: a soft bound on memory and
-        # waiting time, not a quota (jobs already taken by workers do not count).
-        if code == 1:
-            raise QueueFull(f"{count} jobs are waiting (the limit is {self.settings.max_queue})")
-        if code == 2:
-            raise QueueFull(f"{count} jobs for {model} are waiting (the limit is {self.settings.max_queue_per_model})")
-        return job_id, count
-
-    def _rq_job_fields(self, job_id: str, rq_id: str, spec: dict, kind: str) -> dict:
-        """RQ's own hash of the job, as ``Queue.enqueue_call`` writes it, built by RQ
-        (``Job.to_dict``) without its round trips; the script adds ``origin``."""
-        job = Job.create(
-            jobs.TASKS[kind],
-            args=(job_id, spec),
-            id=rq_id,
-            connection=self.queue.connection,
-            serializer=JSONSerializer,
-            timeout=self.settings.job_timeout_s,
-            result_ttl=0,
-            failure_ttl=self.settings.job_ttl_s,
-            status=JobStatus.QUEUED,
-        )
-        job.enqueued_at = rq_now()
-        fields = job.to_dict()
-        fields.pop("origin", None)
-        return fields
+        """Returns (job id, queue position): see hive/submit.py."""
+        return await self._submitter.submit(request, owner)
 
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)

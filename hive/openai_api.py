@@ -36,8 +36,8 @@ from shared.spec import InferenceRequest
 
 from .api import SHUTDOWN_GRACE_S, read_json_body, validation_error
 from .errors import ApiError
-from .jobs import QueueFull
 from .sse import JobEventStream
+from .submit import QueueFull
 
 if TYPE_CHECKING:
     from .app import Hive

@@ -16,7 +16,8 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from hive.jobs import JobService, QueueFull
+from hive.jobs import JobService
+from hive.submit import QueueFull
 from shared import jobs, keys
 from shared.connections import async_client
 from shared.settings import Settings
