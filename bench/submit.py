@@ -268,7 +268,7 @@ What changed, from profiles (py-spy on the hive):
 | + httptools and uvloop (`hive/http_server.py`) | in the row above | |
 | + a second hive process (`--processes 2`) | 1,970–2,618 | 39–42 ms |
 
-One hive process is CPU-bound at one core from about 1,400–1,900 submits/s: at 1,500/s offered
+One hive process is CPU-bound at one core from about 1,300–1,900 submits/s: at 1,500/s offered
 it has no headroom left on this machine, where the client and redis-server share its two cores,
 and its p99 swings with the machine's noise. A second process (the hive holds no state of its
 own for a submit: every process can take any request) gives it the headroom.
