@@ -29,9 +29,9 @@ import httpx
 import redis
 from httpx_sse import connect_sse
 
+from bench.cluster import one_worker_cluster
 from bench.doc import replace_section
 from bench.figure import Figure, spread
-from tests import processes
 from tests.tiny_models import build_model
 
 TINY = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128)
@@ -200,29 +200,14 @@ subscribe and catch-up reads.
 def run(rounds: int, short: int, long: int, idle_s: float, settle_s: float, write: bool, command: str) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="hive-bench-redis-") as tmp:
         tmp_path = Path(tmp)
-        logs = tmp_path / "logs"
-        logs.mkdir()
         build_model(tmp_path / "hub" / REPO, **TINY)
-        redis_proc, redis_url = processes.start_redis(logs)
-        hub_proc, hub_url = processes.start_hub(tmp_path / "hub", logs)
-        port = processes.free_port()
-        url = f"http://127.0.0.1:{port}"
-        hive = processes.start("hive", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"), logs)
-        worker = processes.start(
-            "worker",
-            processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning"),
-            logs,
-            env={"HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "hf")},
-        )
-        connection = redis.Redis.from_url(redis_url)
-        try:
-            processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, 120, "hive and worker", (hive, worker))
-            with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=300)) as client:
-                result = measure(client, connection, rounds, short, long, idle_s, settle_s)
-        finally:
-            connection.close()
-            for proc in (worker, hive, hub_proc, redis_proc):
-                proc.stop()
+        with one_worker_cluster(tmp_path) as cluster:
+            connection = redis.Redis.from_url(cluster.redis_url)
+            try:
+                with httpx.Client(base_url=cluster.url, timeout=httpx.Timeout(30, read=300)) as client:
+                    result = measure(client, connection, rounds, short, long, idle_s, settle_s)
+            finally:
+                connection.close()
     a = analyse(result)
     figs = figures(a, long)
     table = report(result, a)

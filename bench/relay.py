@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.cluster import one_worker_cluster
 from bench.doc import replace_section
 from bench.proc import cpu_seconds
-from tests import processes
 from tests.tiny_models import build_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -255,34 +255,14 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="hive-bench-") as tmp:
         tmp_path = Path(tmp)
-        logs = tmp_path / "logs"
-        logs.mkdir()
         for name in args.models.split(","):
             print(f"building {name}…", file=sys.stderr)
             build_model(tmp_path / "hub" / "bench" / name, **MODELS[name][0])
-        redis_proc, redis_url = processes.start_redis(logs)
-        hub_proc, hub_url = processes.start_hub(tmp_path / "hub", logs)
-        port = processes.free_port()
-        url = f"http://127.0.0.1:{port}"
-        hive = processes.start("hive", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"), logs)
-        worker = processes.start(
-            "worker",
-            processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning"),
-            logs,
-            env={"HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "hf")},
-        )
-        try:
-            processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, 120, "hive and worker", (hive, worker))
-            with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=300)) as client:
-                for name in args.models.split(","):
-                    print(f"benchmarking {name}…", file=sys.stderr)
-                    pids = {"worker": worker.process.pid, "hive": hive.process.pid, "redis-server": redis_proc.process.pid}
-                    results[name] = bench_model(
-                        name, tmp_path / "hub" / "bench" / name, client, args.runs, args.ttft_runs, MODELS[name][1], pids
-                    )
-        finally:
-            for proc in (worker, hive, hub_proc, redis_proc):
-                proc.stop()
+        with one_worker_cluster(tmp_path) as cluster, httpx.Client(base_url=cluster.url, timeout=httpx.Timeout(30, read=300)) as client:
+            pids = {"worker": cluster.worker.process.pid, "hive": cluster.hive.process.pid, "redis-server": cluster.redis.process.pid}
+            for name in args.models.split(","):
+                print(f"benchmarking {name}…", file=sys.stderr)
+                results[name] = bench_model(name, tmp_path / "hub" / "bench" / name, client, args.runs, args.ttft_runs, MODELS[name][1], pids)
 
     table = report(results, args.runs) + "\n\n" + cpu_report(results) + "\n\n" + verdicts(results)
     print(table)
