@@ -128,8 +128,10 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
     from shared import keys
     from shared.events import Token
     from worker.reporter import JobReporter
+    from worker.step_writer import StepWriter
 
     connection = redis.Redis.from_url(redis_url)
+    writer = StepWriter(connection)
     waiting = (keys.queued(QUEUE), keys.queued_for_model(QUEUE, MODEL))
     reporters = [JobReporter(connection, job_id, 3600, unqueue=waiting) for job_id in job_ids]
     # No lease: this producer renews none, and the hive's reaper would fail the jobs.
@@ -144,7 +146,7 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
             continue
         while sent < due:
             reporter = reporters[sent % len(reporters)]
-            reporter.emit_token(Token(t=f"{time.time_ns()}", i=sent))
+            writer.send(reporter.token_commands(Token(t=f"{time.time_ns()}", i=sent), first=False))
             sent += 1
     elapsed = time.perf_counter() - start
     print(json.dumps({"sent": sent, "seconds": elapsed, "start_ns": start_ns}), flush=True)

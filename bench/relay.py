@@ -66,13 +66,13 @@ def rate(times: list[float]) -> float:
 
 def in_process_run(model, tokenizer, max_tokens: int) -> Run:
     from shared.spec import InferenceRequest
-    from worker.generate import SamplingParams, generate_tokens
+    from worker.sequence import SamplingParams, generate_alone
     from worker.runtime import encode_prompt
 
     request = InferenceRequest(model="bench/x", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
     start = time.perf_counter()
     ids = encode_prompt(tokenizer, request)
-    times = [time.perf_counter() for _ in generate_tokens(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, temperature=0))]
+    times = [time.perf_counter() for _ in generate_alone(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, temperature=0))]
     return Run((times[0] - start) * 1000, len(times), rate(times))
 
 

@@ -77,12 +77,15 @@ def status_table(answer: dict) -> None:
 
 
 def workers_table(workers: list[dict]) -> Table:
-    columns = (Column("worker", no_wrap=True), "device", "state", "job", Column("memory", no_wrap=True), "models loaded", "heartbeat")
+    columns = (Column("worker", no_wrap=True), "device", "state", "slots", "jobs", Column("memory", no_wrap=True), "models loaded", "heartbeat")
     table = Table(*columns, box=None)
     for w in workers:
         memory = f"{size(w['memory']['used'])} / {size(w['memory']['budget'])}"
         models = ", ".join(m["model"] for m in w["models"])
-        table.add_row(styled(w["id"]), styled(w["device"]), styled(w["state"]), styled(w.get("current_job")),
+        slots = f"{w.get('running', 0)}/{w.get('capacity', 1)}"
+        # Admin keys see the jobs (id and phase); others the count only.
+        jobs = "\n".join(f"{j['job_id']} {j['phase']}" for j in w.get("jobs") or []) or None
+        table.add_row(styled(w["id"]), styled(w["device"]), styled(w["state"]), slots, styled(jobs),
                       memory, styled(models), ago(w["last_heartbeat"]))  # fmt: skip
     return table
 

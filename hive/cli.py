@@ -152,6 +152,7 @@ def worker(
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token (demos, tests).")] = 0.0,
     max_memory: MaxMemory = "auto",
     keep_alive: KeepAlive = "5m",
+    max_batch: Annotated[int, typer.Option(envvar="HIVE_MAX_BATCH", min=0, max=1024, help="Jobs run at once, batched per model (0: 32 on CPU, 64 on CUDA; 1: one at a time).")] = 0,
     metrics_port: Annotated[int, typer.Option(envvar="HIVE_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")] = 0,
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
@@ -175,6 +176,7 @@ def worker(
             job_ttl_s=job_ttl_s,
             max_memory=memory_bytes,
             keep_alive_s=keep_alive_s,
+            max_batch=max_batch,
             metrics_port=metrics_port,
         )
     )

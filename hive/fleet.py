@@ -21,6 +21,8 @@ def _worker_view(record: dict[str, str], with_job: bool) -> dict:
         "host": record.get("host"),
         "device": record.get("device"),
         "state": record.get("state"),
+        "capacity": int(record.get("capacity") or 1),
+        "running": int(record.get("running") or 0),
         "memory": {name.removeprefix("memory_"): int(float(record.get(name) or 0)) for name in _NUMBERS},
         "models": json.loads(record.get("models") or "[]"),
         "cached": json.loads(record.get("cached") or "[]"),
@@ -29,6 +31,7 @@ def _worker_view(record: dict[str, str], with_job: bool) -> dict:
     }
     if with_job:
         view["current_job"] = record.get("current_job") or None
+        view["jobs"] = json.loads(record.get("jobs") or "[]")
     return view
 
 

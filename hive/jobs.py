@@ -223,7 +223,7 @@ class JobService:
 
     def hand_on_stranded(self) -> int:
         """Moves the jobs waiting on the own queue of a worker that will not take
-        them soon (it is dead, or busy with another job) to the front of the shared
+        them soon (it is dead, or every slot of it is busy) to the front of the shared
         queue, oldest first; drops dead workers from the list. Returns how many moved.
 
         Goes by RQ's list of queues, not by the live workers: a job routed to a
@@ -243,8 +243,9 @@ class JobService:
                 continue
             name = queue_key.removeprefix(prefix)
             dead = beats.get(name, 0.0) < now - keys.WORKER_DEAD_AFTER_S
-            if not dead and connection.hget(keys.worker(name), "state") in (b"idle", None):
-                continue  # it takes them itself in a moment
+            capacity, running = connection.hmget(keys.worker(name), "capacity", "running")
+            if not dead and (capacity is None or int(running or 0) < int(capacity)):
+                continue  # a free slot takes them in a moment
             # From the back of its queue to the front of the shared one: order kept.
             while rq_id := connection.lmove(queue_key, self.queue.key, "RIGHT", "LEFT"):
                 rq_id = rq_id.decode()

@@ -43,12 +43,15 @@ class QueueFull(Exception):
 # every write (job record, first event, jobs index, waiting sets, RQ's job and its
 # queue), so a job is either wholly accepted or not at all, in one round trip.
 #
-# The claim: the most recently idle worker of the model's idle set that is alive
-# (a heartbeat since ARGV[4]) and not claimed already through another model's set
-# (SET NX on its claim key, ARGV[5] .. name: a worker idle for two models sits in
-# both sets). Dead or claimed entries are dropped on the way; the worker lists
-# itself again when it is idle. A claimed worker gets the job on its own RQ queue
-# (ARGV[10] .. name) and the job waits behind no one.
+# The pick, capacity-aware: of the model's idle set (workers holding the model with
+# a free slot, most recently freed first, the first ARGV[6]), the live one (a
+# heartbeat since ARGV[4]) with the most free slots: its capacity less its running
+# jobs (its hash, ARGV[5] .. name) less the jobs already routed to its own queue
+# (so a worker listed for two models is never given more than it has slots).
+# Dead or full entries are dropped on the way, and a worker whose last slot this
+# job takes; the worker lists itself again when a slot frees. The picked worker
+# gets the job on its own RQ queue (ARGV[10] .. name) and the job waits behind no
+# one; a job taken by another slot meanwhile is handed on by the reaper.
 #
 # The keys of a worker's own queue and of RQ's job are built here from prefixes
 # (which worker is claimed is only known here): one Redis, not a cluster.
@@ -61,15 +64,21 @@ local for_model = redis.call('ZCARD', KEYS[2])
 if for_model >= tonumber(ARGV[2]) then return {2, for_model} end
 local worker = ''
 if ARGV[12] == '1' then
-  while true do
-    local popped = redis.call('ZPOPMAX', KEYS[3])
-    if #popped == 0 then break end
-    local name = popped[1]
+  local best = -1
+  for _, name in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, ARGV[6] - 1)) do
     local beat = redis.call('ZSCORE', KEYS[4], name)
+    local free = -1
     if beat and tonumber(beat) >= tonumber(ARGV[4]) then
-      if redis.call('SET', ARGV[5] .. name, '1', 'NX', 'PX', ARGV[6]) then worker = name; break end
+      local slots = redis.call('HMGET', ARGV[5] .. name, 'capacity', 'running')
+      free = (tonumber(slots[1]) or 1) - (tonumber(slots[2]) or 0) - redis.call('LLEN', ARGV[11] .. ARGV[10] .. name)
+    end
+    if free <= 0 then
+      redis.call('ZREM', KEYS[3], name)  -- dead or full: it lists itself again when a slot frees
+    elseif free > best then
+      worker, best = name, free
     end
   end
+  if best == 1 then redis.call('ZREM', KEYS[3], worker) end  -- its last free slot
 end
 local rq_queue, position = ARGV[9], waiting + 1
 if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
@@ -102,6 +111,9 @@ redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
 redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
 return {0, position, worker}
 """
+
+#: How many of a model's listed workers a submit looks at to pick one.
+PICK_CANDIDATES = 16
 
 #: The `queued` event's JSON around its position, which only the submit script knows.
 _QUEUED_HEAD, _QUEUED_TAIL = Queued(-1).to_json().split("-1")
@@ -153,8 +165,8 @@ class Submitter:
                 self.settings.max_queue_per_model,
                 now,
                 now - keys.WORKER_DEAD_AFTER_S,
-                keys.worker_claim(""),
-                keys.CLAIM_TTL_MS,
+                keys.worker(""),
+                PICK_CANDIDATES,
                 self.settings.job_ttl_s,
                 job_id,
                 queue,

@@ -25,10 +25,10 @@ POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
 
 
-def sync_client(url: str, **options) -> redis.Redis:
+def sync_client(url: str, max_connections: int = POOL_SIZE, **options) -> redis.Redis:
     retry = redis.retry.Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES)
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=POOL_SIZE, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, **options
+        url, max_connections=max_connections, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, **options
     )
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # close() releases the pool, as with from_url

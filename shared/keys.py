@@ -90,33 +90,22 @@ def workers(queue: str) -> str:
 
 
 def worker(name: str) -> str:
-    """Hash: a worker's device, memory, models held, state and current job
-    (TTL: WORKER_DEAD_AFTER_S, renewed by each heartbeat)."""
+    """Hash: a worker's device, memory, models held, state, capacity (slots) and
+    running jobs (TTL: WORKER_DEAD_AFTER_S, renewed by each heartbeat)."""
     return f"{PREFIX}:worker:{name}"
 
 
 def worker_queue(queue: str, name: str) -> str:
-    """The RQ queue of one worker: the hive routes a job here when that worker is
-    idle and already holds the job's model. Workers listen to it before ``queue``."""
+    """The RQ queue of one worker: the hive routes a job here when that worker has
+    a free slot and already holds the job's model. Workers listen to it before ``queue``."""
     return f"{queue}:w:{name}"
 
 
-def worker_claim(name: str) -> str:
-    """String: set (NX, with a short TTL) by the hive that claims the idle worker
-    for a job, so a claim through another model's idle set skips it; the worker
-    clears it when it is idle again. (The claim script appends the name to
-    ``worker_claim("")``.)"""
-    return f"{PREFIX}:claim:{name}"
-
-
-#: How long a claim holds if its job never reaches the worker (a failed submit).
-CLAIM_TTL_MS = 30_000
-
-
 def idle_with(queue: str, model: str, revision: str | None) -> str:
-    """Sorted set: the idle workers of ``queue`` that hold ``model`` at ``revision``,
-    scored by when they became idle. The hive claims one with ZPOPMAX (atomic: no
-    two jobs are routed to one idle worker); a worker adds itself after each job."""
+    """Sorted set: the workers of ``queue`` with a free slot that hold ``model`` at
+    ``revision``, scored by when a slot last freed. The submit script picks one
+    whose slots are not all taken (running plus routed to its own queue) and drops
+    full ones; a worker adds itself again when a job gives its slot back."""
     return f"{PREFIX}:idle:{queue}:{model}@{revision or 'main'}"
 
 

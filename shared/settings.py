@@ -53,6 +53,9 @@ class Settings:
     #: Worker: how long a model stays loaded after its last job (a request's
     #: keep_alive overrides it); negative: until evicted.
     keep_alive_s: float = 300.0
+    #: Worker: jobs it runs at once, in one batch per model (continuous batching);
+    #: 0: the device's default (worker/runtime.py); 1: one job at a time.
+    max_batch: int = 0
     #: Worker: serve its Prometheus metrics on this port (0: off).
     metrics_port: int = 0
     #: Hive: the hub that ``/hub`` mirrors (pulls through on a miss); "" serves no ``/hub``.

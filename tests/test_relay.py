@@ -14,6 +14,7 @@ from hive.relay import EventRelay
 from shared import keys
 from shared.events import DONE_FRAME, End, Queued, Token
 from worker.reporter import JobReporter
+from worker.step_writer import StepWriter
 
 pytestmark = pytest.mark.e2e
 
@@ -33,8 +34,10 @@ async def _follow_while_publishing(redis_url: str, followers: int, tokens: int) 
     reporter.emit(Queued(1))
     streams = [relay.follow(job_id) for _ in range(followers)]
     received: list[list[bytes]] = [[await anext(s)] for s in streams]  # each has joined
-    for i in range(tokens):
-        reporter.emit_token(Token(f"t{i}", i))  # as the worker sends them: replies read later
+    writer = StepWriter(sync)
+    for i in range(tokens):  # as the engine sends them: one pipeline a step, replies read later
+        writer.send(reporter.token_commands(Token(f"t{i}", i), first=False))
+    writer.flush()
     reporter.emit(End(tokens, 1.0, 1.0, "max_tokens"))
     for stream, frames in zip(streams, received):
         frames.extend([frame async for frame in stream])
@@ -82,17 +85,19 @@ def test_a_quiet_follower_catches_up_from_the_log_what_pub_sub_never_delivered(r
     assert ids_of(frames) == [1, 2, 3] and frames[-1].endswith(DONE_FRAME)
 
 
-def test_a_token_redis_refused_fails_the_next_write_and_the_connection_goes_back(redis_url):
+def test_a_token_redis_refused_fails_the_next_step_and_the_connection_goes_back(redis_url):
     sync = redis.Redis.from_url(redis_url)
     reporter = JobReporter(sync, uuid.uuid4().hex, 60)
     reporter.emit(Queued(1))
-    reporter.emit_token(Token("a", 0))
+    writer = StepWriter(sync)
+    writer.send(reporter.token_commands(Token("a", 0), first=True))
     reporter.seq -= 1  # the next token reuses id 2: the log refuses it
-    reporter.emit_token(Token("b", 1))
+    writer.send(reporter.token_commands(Token("b", 1), first=False))
     with pytest.raises(redis.ResponseError):
-        reporter.emit(End(2, 1.0, 1.0, "max_tokens"))
+        writer.flush()
     pool = sync.connection_pool
     assert len(pool._in_use_connections) == 0
-    reporter.emit(End(1, 1.0, 1.0, "max_tokens"))  # the reporter goes on with a healthy connection
+    reporter.emit(End(1, 1.0, 1.0, "max_tokens"))  # the job goes on with a healthy connection
     assert [fields[b"e"] for _, fields in sync.xrange(keys.job_events(reporter.job_id))] == [b"queued", b"token", b"end"]
+    assert sync.hexists(keys.job(reporter.job_id), "first_token_at")
     sync.close()

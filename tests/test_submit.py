@@ -87,11 +87,13 @@ def test_depth_limits_refuse_and_write_nothing(redis_url, queue):
     assert connection.zcard(keys.jobs_index(queue)) == 3
 
 
-def test_an_idle_live_holder_is_claimed_once_and_pulls_never_claim(redis_url, queue):
+def test_a_live_holder_with_a_free_slot_is_picked_and_pulls_never_are(redis_url, queue):
+    """A one-slot worker takes one job by warm routing; the next goes to the shared queue."""
     connection = redis.Redis.from_url(redis_url)
     settings = Settings(queue=queue)
     now = time.time()
     connection.zadd(keys.workers(queue), {"w-live": now, "w-dead": now - 60})
+    connection.hset(keys.worker("w-live"), mapping={"capacity": 1, "running": 0})
     connection.zadd(keys.idle_with(queue, "acme/tiny", None), {"w-dead": now, "w-live": now - 1})
     pull_id, _ = submit(redis_url, settings, PullRequest(model="acme/tiny"))
     first, position = submit(redis_url, settings, InferenceRequest(model="acme/tiny", prompt="x"))
@@ -102,8 +104,24 @@ def test_an_idle_live_holder_is_claimed_once_and_pulls_never_claim(redis_url, qu
     assert connection.lrange(f"rq:queue:{queue}", 0, -1) == [pull_id.encode(), second.encode()]
     assert connection.hget(keys.job(first), jobs.RQ_QUEUE) == own_queue.encode()
     assert connection.hget(Job.key_for(first), "origin") == own_queue.encode()
-    assert connection.exists(keys.worker_claim("w-live"))
-    assert connection.zcard(keys.idle_with(queue, "acme/tiny", None)) == 0  # the dead one dropped on the way
+    assert connection.zcard(keys.idle_with(queue, "acme/tiny", None)) == 0  # the dead one dropped, the full one too
+
+
+def test_warm_routing_fills_free_slots_most_free_first(redis_url, queue):
+    """Capacity-aware: jobs go to the holder with the most free slots (capacity less
+    running less already routed), and to the shared queue once every slot is taken."""
+    connection = redis.Redis.from_url(redis_url)
+    settings = Settings(queue=queue)
+    now = time.time()
+    connection.zadd(keys.workers(queue), {"a": now, "b": now})
+    connection.hset(keys.worker("a"), mapping={"capacity": 4, "running": 3})
+    connection.hset(keys.worker("b"), mapping={"capacity": 4, "running": 1})
+    connection.zadd(keys.idle_with(queue, "acme/tiny", None), {"a": now, "b": now - 1})
+    routed = [submit(redis_url, settings, InferenceRequest(model="acme/tiny", prompt="x"))[0] for _ in range(5)]
+    on = {name: [i.decode() for i in connection.lrange(f"rq:queue:{keys.worker_queue(queue, name)}", 0, -1)] for name in "ab"}
+    # b: 3 free, then 2 (a has 1); then a tie, to the most recently freed (a); then b's last.
+    assert on == {"a": [routed[2]], "b": [routed[0], routed[1], routed[3]]}
+    assert connection.lrange(f"rq:queue:{queue}", 0, -1) == [routed[4].encode()]  # every slot taken
 
 
 def children(pid: int) -> set[int]:

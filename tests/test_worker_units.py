@@ -11,7 +11,7 @@ import torch
 from shared.events import Download
 from tests.tiny_models import build_tokenizer
 from worker.download import DownloadProgress, RemoteFile
-from worker.generate import SamplingParams, generate_tokens
+from worker.sequence import PromptTooLong, SamplingParams, Sequence, eos_ids
 from worker.loader import load_layer_by_layer
 from worker.textstream import IncrementalDecoder, StopMatcher
 
@@ -73,46 +73,54 @@ def test_incremental_decoder_never_breaks_a_character(tokenizer):
     assert "" in pieces, "expected at least one character split over several tokens"
 
 
-class ScriptedLM(torch.nn.Module):
-    """A stand-in language model whose next token follows a script: it lets a unit
-    test drive the real decode loop through chosen (multi-byte) tokens."""
+class ConfigOnly(torch.nn.Module):
+    """What a Sequence reads of its model: the config (EOS, context) and a device."""
 
-    def __init__(self, script: list[int], vocab: int, eos: int):
+    def __init__(self, eos: int, context: int = 1024):
         super().__init__()
         from types import SimpleNamespace
 
-        self.script, self.vocab, self.step = script, vocab, 0
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(eos_token_id=eos, max_position_embeddings=1024, get_text_config=lambda: self.config)
+        self.config = SimpleNamespace(eos_token_id=eos, max_position_embeddings=context, get_text_config=lambda: self.config)
         self.generation_config = None
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
-        from types import SimpleNamespace
 
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
-        logits[0, -1, self.script[min(self.step, len(self.script) - 1)]] = 10.0
-        self.step += 1
-        return SimpleNamespace(logits=logits)
+def run_script(tokenizer, script: list[int], prompt: list[int], params: SamplingParams) -> list:
+    """Feeds chosen token ids to a job's Sequence, as the engine does with each sampled id."""
+    model = ConfigOnly(tokenizer.eos_token_id)
+    sequence = Sequence(model, tokenizer, prompt, params, eos_ids(model, tokenizer))
+    steps = []
+    for token_id in script:
+        steps.append(sequence.accept(token_id))
+        if steps[-1].stop_reason:
+            break
+    return steps
 
 
-def test_decode_loop_streams_multibyte_text_and_stops_on_eos(tokenizer):
+def test_a_sequence_streams_multibyte_text_and_stops_on_eos(tokenizer):
     text = "Très bien 🙂 日本"
     script = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    model = ScriptedLM(script, len(tokenizer), tokenizer.eos_token_id)
-    out = list(generate_tokens(model, tokenizer, [1, 2], SamplingParams(max_tokens=100, temperature=0)))
+    out = run_script(tokenizer, script, [1, 2], SamplingParams(max_tokens=100, temperature=0))
     assert [t.i for t in out] == list(range(len(script)))
     assert "".join(t.text for t in out) == text
     assert not any("\ufffd" in t.text for t in out)
     assert out[-1].stop_reason == "eos" and all(t.stop_reason is None for t in out[:-1])
 
 
-def test_decode_loop_holds_back_a_possible_stop_sequence(tokenizer):
-    text = "one two three four"
-    script = tokenizer(text, add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(script, len(tokenizer), tokenizer.eos_token_id)
-    out = list(generate_tokens(model, tokenizer, [1], SamplingParams(max_tokens=100, temperature=0, stop=("three",))))
+def test_a_sequence_holds_back_a_possible_stop_sequence(tokenizer):
+    script = tokenizer("one two three four", add_special_tokens=False)["input_ids"]
+    out = run_script(tokenizer, script, [1], SamplingParams(max_tokens=100, temperature=0, stop=("three",)))
     assert "".join(t.text for t in out) == "one two "
     assert out[-1].stop_reason == "stop_sequence"
+
+
+def test_a_sequence_stops_at_max_tokens_and_at_the_context(tokenizer):
+    script = tokenizer("one two three four five six", add_special_tokens=False)["input_ids"]
+    assert len(run_script(tokenizer, script, [1], SamplingParams(max_tokens=3, temperature=0))) == 3
+    model = ConfigOnly(tokenizer.eos_token_id, context=4)
+    assert Sequence(model, tokenizer, [1, 2], SamplingParams(max_tokens=100), frozenset()).max_tokens == 2
+    with pytest.raises(PromptTooLong):
+        Sequence(model, tokenizer, [1, 2, 3, 4], SamplingParams(max_tokens=1), frozenset())
 
 
 def test_stop_matcher_cuts_across_pieces_and_flushes_at_the_end():

@@ -1,12 +1,12 @@
-"""The worker's lease on the job it runs: renewed every second from a thread of
-its own, so a worker that dies (SIGKILL, the OOM killer) stops renewing and the
-hive notices within LEASE_S. RQ's non-forking worker sends no heartbeat during a
-job, and its registries take minutes to notice a dead worker.
+"""The worker's leases on the jobs it runs: renewed every second, all in one
+pipeline, from a thread of its own, so a worker that dies (SIGKILL, the OOM killer)
+stops renewing and the hive notices within LEASE_S. RQ's non-forking worker sends
+no heartbeat during a job, and its registries take minutes to notice a dead worker.
 
 A lease can also be lost while the worker lives: Redis was unreachable for longer
 than LEASE_S, and a hive's reaper took the job over (retried or ended it). The
-renewal sees that (the job left ``keys.RUNNING``) and the worker abandons the job
-without writing to its stream again."""
+renewal sees that (the job left ``keys.RUNNING``), sets the job's ``lost`` event,
+and the worker abandons that job without writing to its stream again."""
 
 from __future__ import annotations
 
@@ -18,61 +18,51 @@ import redis
 
 from shared import keys
 
+from .running import RunningJob, RunningJobs
+
 log = logging.getLogger(__name__)
 
 
-class JobLease:
-    def __init__(self, connection: redis.Redis, ttl_s: int):
+class LeaseRenewal:
+    def __init__(self, connection: redis.Redis, running: RunningJobs, ttl_s: int):
         self._redis = connection
+        self._running = running
         self._ttl_s = ttl_s
-        self._job_id: str | None = None
-        self._lost = threading.Event()
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._renew_forever, name="hive-lease", daemon=True)
         self._thread.start()
 
-    def hold(self, job_id: str) -> None:
-        """From now on the lease of ``job_id`` is renewed (the first grant goes with
-        the job's pickup, in the reporter's first round trip)."""
-        with self._lock:
-            self._job_id = job_id
-            self._lost.clear()
-
-    def release(self) -> None:
-        with self._lock:
-            self._job_id = None
-
-    @property
-    def lost(self) -> bool:
-        """A hive's reaper took the current job over."""
-        return self._lost.is_set()
-
-    def reclaim(self, job_id: str) -> bool:
+    def reclaim(self, job: RunningJob) -> bool:
         """After an outage: whether the job is still this worker's, renewing it if so."""
-        if self._redis.zadd(keys.RUNNING, {job_id: keys.lease_deadline()}, xx=True, ch=True):
+        if self._redis.zadd(keys.RUNNING, {job.job_id: keys.lease_deadline()}, xx=True, ch=True):
             return True
-        self._lost.set()
+        job.lost.set()
         return False
+
+    def renew_once(self) -> None:
+        # Only leases granted so far: a job's reporter grants it as it takes the job
+        # (a renewal before the grant would find no lease and take the job for lost).
+        held = [job for job in self._running.all() if job.reporter is not None and not job.released]
+        if not held:
+            return
+        deadline = keys.lease_deadline()
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job in held:
+                # XX: never re-grant a lease the job gave back or a reaper took.
+                pipe.zadd(keys.RUNNING, {job.job_id: deadline}, xx=True, ch=True)
+            # The set is shared: it lives while any lease is renewed (a job may run
+            # longer than the TTL), and expires once none is.
+            pipe.expire(keys.RUNNING, self._ttl_s)
+            renewed = pipe.execute()[:-1]
+        for job, ok in zip(held, renewed):
+            # A job that ended meanwhile gave its lease back: that is no loss.
+            if not ok and not job.released:
+                log.warning("job %s: lease lost (a hive took the job over); abandoning it", job.job_id)
+                job.lost.set()
 
     def _renew_forever(self) -> None:
         while True:
             time.sleep(keys.LEASE_RENEW_S)
-            with self._lock:
-                job_id = self._job_id
-            if job_id is None:
-                continue
             try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    # XX: never re-grant a lease the job gave back or a reaper took.
-                    pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline()}, xx=True, ch=True)
-                    # The set is shared: it lives while any lease is renewed (a job
-                    # may run longer than the TTL), and expires once none is.
-                    pipe.expire(keys.RUNNING, self._ttl_s)
-                    renewed = pipe.execute()[0]
+                self.renew_once()
             except redis.RedisError as e:  # renewal loop boundary: try again next second
-                log.warning("renewing the lease of job %s failed: %s", job_id, e)
-                continue
-            with self._lock:
-                if not renewed and self._job_id == job_id:
-                    log.warning("job %s: lease lost (a hive took the job over); abandoning it", job_id)
-                    self._lost.set()
+                log.warning("renewing the leases failed: %s", e)

@@ -1,8 +1,6 @@
-"""``hive worker``: a long-lived, non-forking RQ worker bound to one device.
-
-RQ's default worker forks a child per job, which would drop the loaded models
-with the child (and CUDA does not survive a fork); ``SimpleWorker`` runs every
-job in this process, so models stay in memory between jobs.
+"""``hive worker``: a long-lived process bound to one device, taking up to
+``--max-batch`` jobs at once from RQ (worker/slots.py) and running them in one
+batch per model (worker/engine.py); models stay in memory between jobs.
 """
 
 from __future__ import annotations
@@ -18,25 +16,34 @@ log = logging.getLogger("hive.worker")
 
 
 def run_worker(settings: Settings) -> None:
-    from rq import Queue, SimpleWorker
+    def connection_for(slots: int):
+        # Each slot holds two connections (RQ's BLPOP and its command listener),
+        # and each job's thread and engine writes on others.
+        return sync_client(settings.redis_url, max_connections=3 * slots + 16)
+
+    from rq import Queue
     from rq.serializers import JSONSerializer
 
     from . import tasks
     from .runtime import WorkerRuntime
+    from .slots import Slots
 
-    connection = sync_client(settings.redis_url)
-    runtime = WorkerRuntime(settings, connection)  # imports torch now, not on the first job
+    runtime = WorkerRuntime(settings, connection_for)  # imports torch now, not on the first job
+    connection = runtime.redis
     tasks.install_runtime(runtime)
     # Its own queue first: the hive routes a job there when this worker is idle and
     # already holds the job's model; then the cluster's queue, shared by all.
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
-    rq_worker = SimpleWorker(queues, connection=connection, serializer=JSONSerializer, name=runtime.name)
+    slots = Slots(runtime.max_batch, queues, connection, JSONSerializer, runtime.name)
     if settings.metrics_port:
         runtime.metrics.serve(settings.metrics_port)  # before taking jobs: a port in use stops the worker here
     runtime.presence.start()
-    log.info("worker %s ready on %s, budget %.0f MiB: %r", runtime.name, runtime.device, runtime.models.budget_bytes / 2**20, settings)
+    log.info(
+        "worker %s ready on %s, %d slots, budget %.0f MiB: %r",
+        runtime.name, runtime.device, runtime.max_batch, runtime.models.budget_bytes / 2**20, settings,
+    )
     try:
-        rq_worker.work(with_scheduler=False, logging_level="WARNING")
+        slots.work()
     finally:
         try:
             runtime.presence.leave()

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, start_http_server
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 from shared import jobs, keys
 from shared.events import Event
@@ -83,6 +85,23 @@ class WorkerMetrics:
             buckets=DOWNLOAD_BUCKETS, registry=r,
         )
 
+        self.capacity = Gauge("hive_batch_capacity", "Jobs this worker runs at once (--max-batch).", registry=r)
+        self.batch_size = Gauge("hive_batch_size", "Sequences in the model's batch now (prefilling or decoding).", ["model"], registry=r)
+        self.kv_cache_bytes = Gauge("hive_kv_cache_bytes", "Bytes the model's batch KV cache takes now.", ["model"], registry=r)
+        self.slot_wait = Histogram(
+            "hive_slot_wait_seconds", "From submit to the job's prefill in its model's batch (queue, download, load and the wait for a slot).",
+            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+        )
+
+    def batch_changed(self, model: str, size: int, kv_bytes: int) -> None:
+        self.batch_size.labels(model).set(size)
+        self.kv_cache_bytes.labels(model).set(kv_bytes)
+
+    def admitted(self, job) -> None:
+        created_at = getattr(job.reporter, "created_at", None)
+        if created_at:
+            self.slot_wait.observe(max(0.0, time.time() - created_at))
+
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Serves ``/metrics`` on ``host:port`` from a daemon thread."""
         start_http_server(port, host, registry=self.registry)
@@ -120,6 +139,7 @@ class MeasuredReporter(JobReporter):
         self._metrics = metrics
         created_at, kind = self.redis.hmget(keys.job(self.job_id), jobs.CREATED_AT, jobs.KIND)
         self.kind = _text(kind) or "inference"
+        self.created_at = float(created_at) if created_at else None
         picked_at = kwargs.get(jobs.PICKED_AT)
         if picked_at is not None and created_at:
             # Two clocks (the hive's and this machine's): keep them in sync (NTP).

@@ -96,10 +96,14 @@ class LoadedModel:
     load_ms: float
     size_bytes: int
     last_used: float = field(default_factory=time.time)
-    #: A job is using it: never evicted or expired meanwhile.
-    in_use: bool = False
+    #: Jobs using it (its batch): never evicted or expired meanwhile.
+    users: int = 0
     #: Unload after this time (time.monotonic()); inf: until evicted.
     expires_at: float = math.inf
+
+    @property
+    def in_use(self) -> bool:
+        return self.users > 0
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -126,6 +130,10 @@ class ModelCache:
         self.keep_alive_s = keep_alive_s
         self._models: dict[tuple[str, str | None], LoadedModel] = {}
         self._lock = threading.RLock()
+        self._loading: dict[tuple[str, str | None], threading.Lock] = {}
+        #: The KV-cache bytes the batches of the loaded models may take (the runtime
+        #: sets it): a new model makes room beside them too.
+        self.kv_reserved: Callable[[], int] = lambda: 0
         #: Called with (repo id, revision) after a model is unloaded.
         self.on_unload: Callable[[str, str | None], None] = lambda repo_id, revision: None
 
@@ -134,24 +142,31 @@ class ModelCache:
         with self._lock:
             return sum(m.size_bytes for m in self._models.values())
 
+    def loading(self, repo_id: str, revision: str | None) -> threading.Lock:
+        """Held while a job takes or loads the model: a second job for the same model
+        waits for the first one's load instead of loading it twice."""
+        with self._lock:
+            return self._loading.setdefault((repo_id, revision), threading.Lock())
+
     def held(self) -> list[LoadedModel]:
         with self._lock:
             return list(self._models.values())
 
     def take(self, repo_id: str, revision: str | None) -> LoadedModel | None:
-        """The loaded model, marked in use (until ``release``), or None."""
+        """The loaded model, marked in use by one more job (until ``release``), or None."""
         with self._lock:
             loaded = self._models.get((repo_id, revision))
             if loaded is not None:
-                loaded.in_use = True
+                loaded.users += 1
                 loaded.last_used = time.time()
             return loaded
 
     def release(self, loaded: LoadedModel, keep_alive_s: float | None) -> None:
-        """The job is done with it; it stays for ``keep_alive_s`` (None: the worker's default)."""
+        """A job is done with it; once no job uses it, it stays for ``keep_alive_s``
+        (None: the worker's default) after the last job's release."""
         keep = self.keep_alive_s if keep_alive_s is None else keep_alive_s
         with self._lock:
-            loaded.in_use = False
+            loaded.users = max(loaded.users - 1, 0)
             loaded.last_used = time.time()
             # keep_alive 0 expires it now; unload_expired() unloads it once the job's
             # end is out (the client does not wait for the unload).
@@ -175,10 +190,10 @@ class ModelCache:
         self.check_fits(repo_id, needed_bytes)
         with self._lock:
             for victim in sorted((m for m in self._models.values() if not m.in_use), key=lambda m: m.last_used):
-                if self.used_bytes + needed_bytes <= self.budget_bytes:
+                if self.used_bytes + self.kv_reserved() + needed_bytes <= self.budget_bytes:
                     break
                 self._unload(victim, f"making room for {repo_id}")
-            if self.used_bytes + needed_bytes > self.budget_bytes:
+            if self.used_bytes + self.kv_reserved() + needed_bytes > self.budget_bytes:
                 raise ModelTooLarge(f"{repo_id} does not fit next to the models in use on {self.device}")
 
     def unload_expired(self) -> None:
@@ -209,7 +224,7 @@ class ModelCache:
         model = load_model(folder, self.device, self.dtype_name, on_layer, spread)
         load_ms = round((time.perf_counter() - start) * 1000, 1)
         size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, in_use=True)
+        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, users=1)
         with self._lock:
             self._models[loaded.key] = loaded
         log.info("loaded %s@%s on %s in %.0f ms (%.1f MiB)", repo_id, revision or "main", self.device, load_ms, size / 2**20)

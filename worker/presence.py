@@ -2,11 +2,13 @@
 routing and for ``GET /v1/workers``.
 
 Every HEARTBEAT_S a thread rewrites the worker's hash (device, memory, models held,
-state, current job; it expires after WORKER_DEAD_AFTER_S, so a dead worker drops
-off by itself), scores the worker in its queue's worker set, and unloads models
-whose keep-alive ran out. Between jobs the worker is listed in the idle set of
-each model it holds: the hive claims it from there for a job on that model and
-routes the job to the worker's own queue (warm routing).
+state, its slots and running jobs; it expires after WORKER_DEAD_AFTER_S, so a dead
+worker drops off by itself), scores the worker in its queue's worker set, and
+unloads models whose keep-alive ran out. While it has a free slot, the worker is
+listed in the idle set of each model it holds: the hive picks it from there for a
+job on that model when its slots are not all taken (running jobs plus those
+already routed to its own queue) and routes the job to the worker's own queue
+(warm routing, capacity-aware: hive/submit.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared import keys
 
 from .download_lock import lock_dir, lock_name
 from .models import ModelCache, device_memory
+from .running import RunningJob, RunningJobs
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,15 @@ def cached_models() -> list[dict]:
 
 
 class Presence:
-    def __init__(self, connection: redis.Redis, name: str, queue: str, models: ModelCache, ttl_s: int):
+    def __init__(self, connection: redis.Redis, name: str, queue: str, models: ModelCache, ttl_s: int, running: RunningJobs):
         self.redis = connection
+        self.running = running
         self.name = name
         self.queue = queue
         self.models = models
         self.ttl_s = ttl_s
         self.started_at = time.time()
         self._shared_key = RQQueue(queue, connection=connection).key
-        self._state = "idle"
-        self._job_id = ""
         self._cached = json.dumps(cached_models())
         self._cache_changed = False
         self._lock = threading.Lock()
@@ -106,38 +108,29 @@ class Presence:
     def own_queue(self) -> str:
         return keys.worker_queue(self.queue, self.name)
 
-    def busy(self, job_id: str) -> None:
-        """Took a job: no longer idle for any model (a claim that raced with this
-        leaves a job on the own queue, which the hive's reaper hands on)."""
-        with self._lock:
-            self._state, self._job_id = "busy", job_id
+    def busy(self, job: RunningJob) -> None:
+        """Took ``job``: with no slot left, no longer listed for any model (a pick
+        that raced with this leaves a job on the own queue, which the hive's reaper
+        hands on)."""
+        full = self.running.free == 0
         with self.redis.pipeline(transaction=False) as pipe:
-            for m in self.models.held():
+            for m in self.models.held() if full else ():
                 pipe.zrem(keys.idle_with(self.queue, m.repo_id, m.revision), self.name)
             self._write(pipe)
             pipe.execute()
 
-    def phase(self, state: str) -> None:
-        """downloading, loading or busy: what /v1/workers shows during the job."""
-        with self._lock:
-            self._state = state
-            # Only a job that went to the hub can have changed the cache.
-            self._cache_changed = self._cache_changed or state == "downloading"
-        self.beat()
-
-    def idle(self) -> None:
-        """The job is over: claimable for every model kept, unless jobs already wait
-        on the shared queue (it takes the oldest of those next: a new job must not
-        overtake them by claiming it)."""
+    def slot_freed(self, job: RunningJob) -> None:
+        """``job`` gave its slot back (just before its end goes out): listed again
+        for every model kept, unless jobs already wait on the shared queue (a free
+        slot takes the oldest of those next: a new job must not overtake them)."""
         with self._lock:
             rescan, self._cache_changed = self._cache_changed, False
         cached = json.dumps(cached_models()) if rescan else self._cached  # a walk of the cache: not after a warm job
         with self._lock:
-            self._state, self._job_id, self._cached = "idle", "", cached
+            self._cached = cached
         now = time.time()
         backlog = self.redis.llen(self._shared_key)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.worker_claim(self.name))
             for m in [] if backlog else self.models.kept():
                 key = keys.idle_with(self.queue, m.repo_id, m.revision)
                 pipe.zadd(key, {self.name: now})
@@ -176,14 +169,19 @@ class Presence:
             for lock in taken:
                 lock.release()
 
-    def beat(self) -> None:
+    def beat(self, downloaded: bool = False) -> None:
+        """``downloaded``: a job went to the hub, so the cache is rescanned when it ends."""
+        if downloaded:
+            with self._lock:
+                self._cache_changed = True
         with self.redis.pipeline(transaction=False) as pipe:
             self._write(pipe)
             pipe.execute()
 
     def _write(self, pipe) -> None:
         with self._lock:
-            state, job_id, cached = self._state, self._job_id, self._cached
+            cached = self._cached
+        active = self.running.active()
         figures = [device_memory(d) for d in self.models.devices]
         free, total = sum(f for f, _ in figures), sum(t for _, t in figures)
         held = self.models.held()
@@ -195,8 +193,11 @@ class Presence:
                 "host": socket.gethostname(),
                 "queue": self.queue,
                 "device": ",".join(str(d) for d in self.models.devices),
-                "state": state,
-                "current_job": job_id,
+                "state": "busy" if active else "idle",
+                "current_job": active[0].job_id if active else "",
+                "capacity": self.running.capacity,
+                "running": len(active),
+                "jobs": json.dumps([{"job_id": j.job_id, "model": j.model, "phase": j.phase} for j in active]),
                 "memory_total": total,
                 "memory_free": free,
                 "memory_budget": self.models.budget_bytes,

@@ -1,7 +1,12 @@
-"""One job on one worker: download → load → generate, every step reported as events.
+"""Jobs on one worker: download → load → generate in the model's batch, every step
+reported as events.
 
-The worker process holds one ``WorkerRuntime`` (device, loaded models, Redis
-connection); RQ calls ``worker.tasks.run_inference`` which hands the job to it.
+The worker process holds one ``WorkerRuntime`` (device, loaded models, one batching
+engine per model, Redis connection). RQ's slot threads (worker/slots.py) call
+``worker.tasks.run_inference``, which hands the job to it: the job's thread
+downloads and loads what it needs, then submits the job to the model's engine
+and waits for it to end there, so RQ's own bookkeeping (status, registries)
+follows each job.
 """
 
 from __future__ import annotations
@@ -9,40 +14,46 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 
 import redis
 import torch
 from rq.timeouts import JobTimeoutException
 
 from shared import jobs, keys
-from shared.events import End, Error, Loading, Ready, Started, Token
+from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
 
-from .cancel import CancelWatcher, JobCancelled
-from .lease import JobLease
+from .cancel import CancelListener
 from .download import fetch_model
-from .generate import SamplingParams, generate_tokens
+from .engine import REDIS_DOWN, Engine
+from .lease import LeaseRenewal
 from .metrics import MeasuredReporter, WorkerMetrics
 from .models import LoadedModel, ModelCache, resolve_devices
 from .presence import Presence
-from .reporter import JobReporter
+from .running import JobAbandoned, JobCancelled, RunningJob, RunningJobs
+from .sequence import SamplingParams, Sequence, eos_ids
 
 log = logging.getLogger(__name__)
 
-
-#: Redis could not be reached, even after the client's own retries.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 OUTAGE_POLL_S = 0.5
-
-
-class JobAbandoned(Exception):
-    """A hive's reaper took the job over: this worker must not write to it again."""
+#: How often a job's thread wakes while the engine runs its job: RQ's timeout
+#: (TimerDeathPenalty) raises in this thread, and only between Python bytecodes.
+WAIT_POLL_S = 0.2
 
 
 class InvalidRequest(Exception):
     code = "INVALID_REQUEST"
+
+
+def default_max_batch(device: torch.device) -> int:
+    """Sequences per batch when --max-batch is not given: a GPU's decode step costs
+    about the same for 1 or 64 sequences; the CPU's grows with the batch
+    (bench/batching.py)."""
+    return 64 if device.type == "cuda" else 32
 
 
 def encode_prompt(tokenizer, request: InferenceRequest) -> list[int]:
@@ -73,102 +84,134 @@ def error_code(exc: BaseException) -> str:
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, connection: redis.Redis):
+    def __init__(self, settings: Settings, connect: Callable[[int], redis.Redis]):
+        """``connect(slots)``: the Redis client, its pool sized for that many slots."""
         self.settings = settings
-        self.redis = connection
         devices = resolve_devices(settings.device)
         self.device = devices[0]
         placement = "+".join(str(d) for d in devices)
         self.name = settings.worker_name or f"{socket.gethostname()}:{placement}:{os.getpid()}"
+        self.max_batch = settings.max_batch or default_max_batch(self.device)
+        self.redis = connection = connect(self.max_batch)
         self.models = ModelCache(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
-        self.cancels = CancelWatcher(connection)
-        self.lease = JobLease(connection, settings.job_ttl_s)
-        self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s)
+        self.models.kv_reserved = self._kv_bytes
+        self.running = RunningJobs(self.max_batch)
+        self.cancels = CancelListener(connection, self.running)
+        self.leases = LeaseRenewal(connection, self.running, settings.job_ttl_s)
         self.metrics = WorkerMetrics(self.name, placement, settings.queue)
-        #: The current job's model and its keep_alive, until the job lets it go.
-        self._holding: tuple[LoadedModel, float | None] | None = None
-        self._idle = True
+        self.metrics.capacity.set(self.max_batch)
+        self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s, self.running)
+        self._engines: dict[tuple[str, str | None], Engine] = {}
+        self._engines_lock = threading.Lock()
+        # An engine stops with its model (evicted, or keep-alive over).
+        unloaded = self.models.on_unload
+
+        def on_unload(repo_id: str, revision: str | None) -> None:
+            with self._engines_lock:
+                engine = self._engines.pop((repo_id, revision), None)
+            if engine is not None:
+                engine.stop()
+            unloaded(repo_id, revision)
+
+        self.models.on_unload = on_unload
+
+    def _kv_bytes(self) -> int:
+        with self._engines_lock:
+            engines = list(self._engines.values())
+        return sum(e.scheduler.footprint(list(e.batch.rows)) for e in engines)
+
+    def engine_for(self, loaded: LoadedModel) -> Engine:
+        with self._engines_lock:
+            engine = self._engines.get(loaded.key)
+            if engine is None:
+                engine = Engine(
+                    loaded.model,
+                    loaded.repo_id,
+                    self.redis,
+                    self.max_batch,
+                    # The cache may take the budget less the models and the other models' batches.
+                    lambda: self.models.budget_bytes - self.models.used_bytes - self._kv_bytes_except(loaded.key),
+                    self.metrics,
+                    self.settings.token_delay_ms / 1000,
+                )
+                self._engines[loaded.key] = engine
+            return engine
+
+    def _kv_bytes_except(self, key) -> int:
+        with self._engines_lock:
+            engines = [e for k, e in self._engines.items() if k != key]
+        return sum(e.scheduler.footprint(list(e.batch.rows)) for e in engines)
 
     def run_job(self, job_id: str, spec: dict, pull: bool = False) -> None:
-        """Runs an inference job, or with ``pull`` a pull job (download only)."""
-        self.cancels.begin(job_id)
-        self._idle = False
-        reporter: MeasuredReporter | None = None
+        """Runs an inference job, or with ``pull`` a pull job (download only), on the
+        calling RQ slot thread, until it ends."""
+        job = RunningJob(job_id, str(spec.get("model", "")))
+        self.running.add(job)
         try:
-            self.presence.busy(job_id)
-            queue, model = self.settings.queue, str(spec.get("model", ""))
-            reporter = MeasuredReporter(
+            self.presence.busy(job)
+            queue = self.settings.queue
+            job.reporter = MeasuredReporter(
                 self.metrics,
                 self.redis,
                 job_id,
                 self.settings.job_ttl_s,
-                unqueue=(keys.queued(queue), keys.queued_for_model(queue, model)),
-                before_finish=self._going_idle,
+                unqueue=(keys.queued(queue), keys.queued_for_model(queue, job.model)),
+                before_finish=lambda: self._going_idle(job),
                 **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()},
             )
-            # Renewed from now on: the reporter granted it (a renewal before the grant
-            # would find no lease and take the job for lost).
-            self.lease.hold(job_id)
-            if reporter.cancelled_before_start:
-                self.cancels.cancel_current()
-            try:
-                self._check()
-                if pull:
-                    self._pull(PullRequest.model_validate(spec), reporter)
-                else:
-                    self._run(job_id, InferenceRequest.model_validate(spec), reporter)
-            except JobAbandoned:
-                log.warning("job %s: abandoned, its lease was taken over", job_id)
-            except REDIS_DOWN:
-                raise
-            except JobCancelled as e:
-                log.info("job %s cancelled before its first token", job_id)
-                reporter.finish(
-                    Error(e.code, str(e)), JobState.cancelled, **{jobs.ERROR_CODE: e.code, jobs.ERROR_MESSAGE: str(e)}
-                )
-            except Exception as e:  # job boundary: every failure ends the stream with an error event
-                log.exception("job %s failed", job_id)
-                code = error_code(e)
-                message = str(e) or type(e).__name__
-                reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+            if job.reporter.cancelled_before_start:
+                job.cancelled.set()
+            self._run_to_end(job, spec, pull)
         except REDIS_DOWN as e:
-            self._after_outage(job_id, e)
+            self._after_outage(job, e)
         finally:
-            if reporter is not None:
-                reporter.close()
-            self.lease.release()
-            self.cancels.end()
+            self.running.remove(job)
             try:
-                if not self._idle:  # the job ended without a terminal event of its own
-                    self._going_idle()
+                self._going_idle(job)  # the job ended without a terminal event of its own: no-op otherwise
             except REDIS_DOWN as e:  # the next heartbeat says idle; warm routing resumes after the next job
                 log.warning("could not list this worker as idle: %s", e)
             self.models.unload_expired()  # keep_alive 0, now that the job's end is out
 
-    def _going_idle(self) -> None:
-        """Just before the job's terminal event goes out: the lease is given back (so
-        its renewal cannot find it gone and cry "lost"), the model is let go with its
-        keep-alive, and the worker is claimable again; a client that sends its next
-        request on `end` finds this worker warm."""
-        self.lease.release()
-        if self._holding is not None:
-            self.models.release(*self._holding)
-            self._holding = None
-        self.presence.idle()
-        self._idle = True
+    def _run_to_end(self, job: RunningJob, spec: dict, pull: bool) -> None:
+        reporter = job.reporter
+        try:
+            job.check()
+            if pull:
+                self._pull(job, PullRequest.model_validate(spec))
+            else:
+                self._run(job, InferenceRequest.model_validate(spec))
+        except JobAbandoned:
+            log.warning("job %s: abandoned, its lease was taken over", job.job_id)
+        except REDIS_DOWN:
+            raise
+        except JobCancelled as e:
+            log.info("job %s cancelled before its first token", job.job_id)
+            reporter.finish(Error(e.code, str(e)), JobState.cancelled, **{jobs.ERROR_CODE: e.code, jobs.ERROR_MESSAGE: str(e)})
+        except Exception as e:  # job boundary: every failure ends the stream with an error event
+            log.exception("job %s failed", job.job_id)
+            code = error_code(e)
+            message = str(e) or type(e).__name__
+            reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
 
-    def _check(self) -> None:
-        """Between tokens, chunks and layers: stop if the job was taken over or cancelled."""
-        if self.lease.lost:
-            raise JobAbandoned()
-        self.cancels.check()
+    def _going_idle(self, job: RunningJob) -> None:
+        """Just before the job's terminal event goes out: its lease is given back (so
+        its renewal cannot find it gone and cry "lost"), its model is let go with
+        its keep-alive, and the slot is claimable again; a client that sends its next
+        request on `end` finds this worker warm. Once per job."""
+        if job.released:
+            return
+        job.released = True
+        if job.holding is not None:
+            self.models.release(*job.holding)
+            job.holding = None
+        self.presence.slot_freed(job)
 
-    def _after_outage(self, job_id: str, error: Exception) -> None:
+    def _after_outage(self, job: RunningJob, error: Exception) -> None:
         """Redis went away mid-job. Wait for it (returning now would leave RQ's own
         bookkeeping to fail and stop the worker), then end the job with a clear
         error, unless a hive's reaper took it over meanwhile (the lease decides,
         as between two reapers) or Redis came back without it."""
-        log.warning("job %s: lost Redis (%s); waiting for it to come back", job_id, error)
+        log.warning("job %s: lost Redis (%s); waiting for it to come back", job.job_id, error)
         down_since = time.monotonic()
         while True:
             try:
@@ -177,65 +220,66 @@ class WorkerRuntime:
             except REDIS_DOWN:
                 time.sleep(OUTAGE_POLL_S)
         outage_s = time.monotonic() - down_since
-        if not self.lease.reclaim(job_id):
-            log.warning("job %s: Redis is back after %.1f s; a hive has taken the job over", job_id, outage_s)
+        if not self.leases.reclaim(job):
+            log.warning("job %s: Redis is back after %.1f s; a hive has taken the job over", job.job_id, outage_s)
             return
         message = f"the worker lost its connection to Redis mid-job for {outage_s:.1f} s"
-        log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job_id, outage_s)
+        log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job.job_id, outage_s)
         # A fresh reporter re-reads where the log stands: some events may not have made it.
-        reporter = MeasuredReporter(self.metrics, self.redis, job_id, self.settings.job_ttl_s)
+        reporter = MeasuredReporter(self.metrics, self.redis, job.job_id, self.settings.job_ttl_s)
         reporter.finish(
             Error("REDIS_UNAVAILABLE", message),
             JobState.failed,
             **{jobs.ERROR_CODE: "REDIS_UNAVAILABLE", jobs.ERROR_MESSAGE: message},
         )
 
-    def _model(self, request: InferenceRequest, reporter: JobReporter) -> tuple[LoadedModel, bool, float]:
-        """The model, loaded and marked in use (the caller releases it)."""
-        loaded = self.models.take(request.model, request.revision)
-        if loaded is not None:
-            return loaded, True, 0.0
-        reporter.update(JobState.downloading)
-        self.presence.phase("downloading")
-        # Fail fast, before the download, when even the smallest the weights can take
-        # on the device (stored in fp32, loaded in half precision) exceeds the budget;
-        # the exact check, from the safetensors headers, comes before loading.
-        folder = fetch_model(
-            request.model,
-            request.revision,
-            reporter.emit,
-            self._check,
-            lambda n: self.models.check_fits(request.model, n // 2),
-            self.metrics.downloaded,
-        )
-        self._check()
-        reporter.update(JobState.loading)
-        self.presence.phase("loading")
+    def _model(self, job: RunningJob, request: InferenceRequest) -> tuple[LoadedModel, bool, float]:
+        """The model, loaded and marked in use (the caller releases it). Jobs for
+        one model that arrive while it loads wait for that load (ModelCache's lock)."""
+        reporter = job.reporter
+        with self.models.loading(request.model, request.revision):
+            loaded = self.models.take(request.model, request.revision)
+            if loaded is not None:
+                return loaded, True, 0.0
+            job.phase = "downloading"
+            reporter.update(JobState.downloading)
+            self.presence.beat(downloaded=True)
+            # Fail fast, before the download, when even the smallest the weights can take
+            # on the device (stored in fp32, loaded in half precision) exceeds the budget;
+            # the exact check, from the safetensors headers, comes before loading.
+            folder = fetch_model(
+                request.model,
+                request.revision,
+                reporter.emit,
+                job.check,
+                lambda n: self.models.check_fits(request.model, n // 2),
+                self.metrics.downloaded,
+            )
+            job.check()
+            job.phase = "loading"
+            reporter.update(JobState.loading)
+            self.presence.beat()
 
-        def on_layer(p):
-            reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
-            self._check()
+            def on_layer(p):
+                reporter.emit(Loading(p.layers_loaded, p.layers_total, p.vram_mb, p.device))
+                job.check()
 
-        loaded = self.models.load(request.model, request.revision, folder, on_layer)
+            loaded = self.models.load(request.model, request.revision, folder, on_layer)
         self.metrics.model_loaded(loaded.load_ms)
         return loaded, False, loaded.load_ms
 
-    def _pull(self, request: PullRequest, reporter: JobReporter) -> None:
-        reporter.update(JobState.downloading)
-        self.presence.phase("downloading")
-        fetch_model(request.model, request.revision, reporter.emit, self._check, on_downloaded=self.metrics.downloaded)
-        reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{jobs.TOKENS_OUT: 0, jobs.STOP_REASON: "pulled"})
+    def _pull(self, job: RunningJob, request: PullRequest) -> None:
+        job.phase = "downloading"
+        job.reporter.update(JobState.downloading)
+        self.presence.beat(downloaded=True)
+        fetch_model(request.model, request.revision, job.reporter.emit, job.check, on_downloaded=self.metrics.downloaded)
+        job.reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{jobs.TOKENS_OUT: 0, jobs.STOP_REASON: "pulled"})
 
-    def _run(self, job_id: str, request: InferenceRequest, reporter: JobReporter) -> None:
-        loaded, warm, load_ms = self._model(request, reporter)
-        self._holding = (loaded, request.keep_alive)
-        self.presence.phase("busy")
-        self._generate(job_id, request, reporter, loaded, warm, load_ms)
-
-    def _generate(
-        self, job_id: str, request: InferenceRequest, reporter: JobReporter, loaded: LoadedModel, warm: bool, load_ms: float
-    ) -> None:
-        self._check()
+    def _run(self, job: RunningJob, request: InferenceRequest) -> None:
+        loaded, warm, load_ms = self._model(job, request)
+        job.holding = (loaded, request.keep_alive)
+        job.check()
+        reporter = job.reporter
         reporter.emit(Ready(load_ms, warm))
         prompt_ids = encode_prompt(loaded.tokenizer, request)
         params = SamplingParams(
@@ -246,47 +290,53 @@ class WorkerRuntime:
             seed=request.seed,
             stop=tuple(request.stop),
         )
+        job.sequence = Sequence(loaded.model, loaded.tokenizer, prompt_ids, params, eos_ids(loaded.model, loaded.tokenizer))
+        engine = self.engine_for(loaded)
+        engine.scheduler.check_fits_alone(job)
         started_at = time.time()
-        reporter.emit(Started(job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
+        reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
+        job.phase = "waiting"
+        engine.submit(job)
+        self._wait(job, engine)
+        self._finish(job, len(prompt_ids), load_ms)
 
-        delay_s = self.settings.token_delay_ms / 1000
-        pieces: list[str] = []
-        start = time.perf_counter()
-        first_at = start
-        stop_reason = "max_tokens"
-        count = 0
-        for token in generate_tokens(loaded.model, loaded.tokenizer, prompt_ids, params):
-            if token.i == 0:
-                first_at = time.perf_counter()
-                # A job that has produced a token is not retried if its worker is lost.
-                reporter.emit(Token(token.text, token.i), **{jobs.FIRST_TOKEN_AT: time.time()})
-            else:
-                reporter.emit_token(Token(token.text, token.i))
-            pieces.append(token.text)
-            count = token.i + 1
-            if token.stop_reason:
-                stop_reason = token.stop_reason
-                break
-            if self.cancels.cancelled:
-                stop_reason = "cancelled"
-                break
-            if self.lease.lost:
-                raise JobAbandoned()
-            if delay_s:
-                time.sleep(delay_s)
-        end_at = time.perf_counter()
-        ttft_ms = round((first_at - start) * 1000, 2)
-        decode_ms = round((end_at - first_at) * 1000, 2)
-        reporter.finish(
+    def _wait(self, job: RunningJob, engine: Engine) -> None:
+        """Until the engine lets go of the job. RQ's timeout lands here: the job
+        leaves the batch at the next step, then ends with TIMEOUT."""
+        try:
+            while not job.done.wait(WAIT_POLL_S):
+                pass
+        except JobTimeoutException:
+            job.timed_out.set()
+            engine.poke()
+            job.done.wait()
+            raise
+
+    def _finish(self, job: RunningJob, prompt_tokens: int, load_ms: float) -> None:
+        outcome = job.outcome
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.stop_reason == "abandoned":
+            raise JobAbandoned()
+        if outcome.stop_reason == "timeout":
+            raise JobTimeoutException(f"the job ran past its timeout ({self.settings.job_timeout_s} s)")
+        count = job.tokens
+        if outcome.stop_reason == "cancelled" and not count:
+            raise JobCancelled("cancelled by the client")
+        first_at = job.first_at or job.ended_at
+        ttft_ms = round((first_at - job.submitted_at) * 1000, 2)
+        decode_ms = round((job.ended_at - first_at) * 1000, 2)
+        stop_reason = outcome.stop_reason
+        job.reporter.finish(
             End(count, decode_ms, ttft_ms, stop_reason),
             JobState.cancelled if stop_reason == "cancelled" else JobState.completed,
             **{
-                jobs.OUTPUT: "".join(pieces),
+                jobs.OUTPUT: "".join(job.pieces),
                 jobs.TOKENS_OUT: count,
                 jobs.TTFT_MS: ttft_ms,
                 jobs.DECODE_TIME_MS: decode_ms,
                 jobs.LOAD_MS: load_ms,
                 jobs.STOP_REASON: stop_reason,
-                jobs.PROMPT_TOKENS: len(prompt_ids),
+                jobs.PROMPT_TOKENS: prompt_tokens,
             },
         )
