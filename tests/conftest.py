@@ -15,6 +15,8 @@ import redis
 from tests import processes
 from tests.tiny_models import build_model
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "hive" / "demo_models" / "hive-demo" / "tiny-llama"
+
 #: The hub endpoint's speed: slow enough that a multi-MB shard yields several
 #: progress events, fast enough that the tiny models arrive in a blink.
 HUB_BYTES_PER_S = 8_000_000
@@ -57,6 +59,8 @@ def model_root(tmp_path_factory) -> Path:
     for name in ("big-cancel", "big-retry", "big-shared", "big-takeover"):
         shutil.copytree(big, root / "acme" / name)
     build_model(root / "acme" / "deep", hidden_size=32, intermediate_size=64, num_layers=200, num_heads=2, num_kv_heads=1, shards=1)
+    # The built-in demo model: trained, so greedy argmax margins are clear (batching tests).
+    shutil.copytree(DEMO_MODEL_DIR, root / "hive-demo" / "tiny-llama")
     return root
 
 
