@@ -22,7 +22,7 @@ class OneWorkerCluster:
 
 
 @contextlib.contextmanager
-def one_worker_cluster(root: Path) -> Iterator[OneWorkerCluster]:
+def one_worker_cluster(root: Path, *worker_args: str) -> Iterator[OneWorkerCluster]:
     """Serves the models under ``root / "hub"``; logs and the worker's HF_HOME go under ``root``."""
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
@@ -33,7 +33,7 @@ def one_worker_cluster(root: Path) -> Iterator[OneWorkerCluster]:
     hive = processes.start("hive", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--log-level", "warning"), logs)
     worker = processes.start(
         "worker",
-        processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning"),
+        processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning", *worker_args),
         logs,
         env={"HF_ENDPOINT": hub_url, "HF_HOME": str(root / "hf")},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from pydantic import ValidationError
 from rq import Worker
@@ -12,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shared import jobs as job_fields
+from shared import keys
 from shared.spec import InferenceRequest, PullRequest
 
 from .auth import Principal
@@ -165,12 +167,15 @@ async def health(request: Request) -> Response:
     hive = request.app.state.hive
     try:
         await hive.jobs.redis.ping()
-        workers = await run_in_threadpool(Worker.count, queue=hive.jobs.queue)
+        # Workers: the live `hive worker` processes (heartbeats); slots: RQ's
+        # workers, one per job a worker can run at once (worker/slots.py).
+        workers = await hive.jobs.redis.zcount(keys.workers(hive.jobs.queue.name), time.time() - keys.WORKER_DEAD_AFTER_S, "+inf")
+        slots = await run_in_threadpool(Worker.count, queue=hive.jobs.queue)
         depth = await run_in_threadpool(lambda: hive.jobs.queue.count)
     except Exception as e:  # health reports, it does not raise
         return JSONResponse({"status": "unavailable", "redis": f"error: {type(e).__name__}: {e}"}, status_code=503)
     return JSONResponse(
-        {"status": "ok", "redis": "ok", "workers": workers, "queue_depth": depth, "followers": hive.relay.followers}
+        {"status": "ok", "redis": "ok", "workers": workers, "slots": slots, "queue_depth": depth, "followers": hive.relay.followers}
     )
 
 

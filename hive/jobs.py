@@ -250,6 +250,7 @@ class JobService:
             while rq_id := connection.lmove(queue_key, self.queue.key, "RIGHT", "LEFT"):
                 rq_id = rq_id.decode()
                 with connection.pipeline(transaction=False) as pipe:
+                    pipe.decr(keys.worker_claims(name))  # it will not take this one
                     pipe.hset(Job.key_for(rq_id), "origin", shared)
                     pipe.hset(keys.job(rq_id.split("-")[0]), jobs.RQ_QUEUE, shared)
                     pipe.execute()

@@ -46,12 +46,14 @@ class QueueFull(Exception):
 # The pick, capacity-aware: of the model's idle set (workers holding the model with
 # a free slot, most recently freed first, the first ARGV[6]), the live one (a
 # heartbeat since ARGV[4]) with the most free slots: its capacity less its running
-# jobs (its hash, ARGV[5] .. name) less the jobs already routed to its own queue
-# (so a worker listed for two models is never given more than it has slots).
+# jobs (its hash, ARGV[5] .. name) less its claims (ARGV[21] .. name: jobs routed
+# to it that it has not yet counted as running, so neither a worker listed for two
+# models nor one taking a job off its queue right now is given more than it has
+# slots); the pick adds a claim.
 # Dead or full entries are dropped on the way, and a worker whose last slot this
 # job takes; the worker lists itself again when a slot frees. The picked worker
 # gets the job on its own RQ queue (ARGV[10] .. name) and the job waits behind no
-# one; a job taken by another slot meanwhile is handed on by the reaper.
+# one; a job left on a full or dead worker's queue is handed on by the reaper.
 #
 # The keys of a worker's own queue and of RQ's job are built here from prefixes
 # (which worker is claimed is only known here): one Redis, not a cluster.
@@ -70,7 +72,8 @@ if ARGV[12] == '1' then
     local free = -1
     if beat and tonumber(beat) >= tonumber(ARGV[4]) then
       local slots = redis.call('HMGET', ARGV[5] .. name, 'capacity', 'running')
-      free = (tonumber(slots[1]) or 1) - (tonumber(slots[2]) or 0) - redis.call('LLEN', ARGV[11] .. ARGV[10] .. name)
+      local claimed = math.max(tonumber(redis.call('GET', ARGV[21] .. name) or '0'), 0)
+      free = (tonumber(slots[1]) or 1) - (tonumber(slots[2]) or 0) - claimed
     end
     if free <= 0 then
       redis.call('ZREM', KEYS[3], name)  -- dead or full: it lists itself again when a slot frees
@@ -79,6 +82,10 @@ if ARGV[12] == '1' then
     end
   end
   if best == 1 then redis.call('ZREM', KEYS[3], worker) end  -- its last free slot
+  if worker ~= '' then
+    redis.call('INCR', ARGV[21] .. worker)
+    redis.call('PEXPIRE', ARGV[21] .. worker, ARGV[22])
+  end
 end
 local rq_queue, position = ARGV[9], waiting + 1
 if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
@@ -94,7 +101,7 @@ local function flat(object, into)
   return into
 end
 local record = flat(ARGV[19], {ARGV[15], rq_queue, ARGV[16], position})
-local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 21, #ARGV)})
+local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 23, #ARGV)})
 redis.call('HSET', KEYS[5], unpack(record))
 redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('XADD', KEYS[6], ARGV[17], 'e', ARGV[18], 'd', ARGV[13] .. position .. ARGV[14])
@@ -182,6 +189,8 @@ class Submitter:
                 json.dumps(record),
                 # str first: RQ's JobStatus is a str enum, whose str() is its name.
                 json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
+                keys.worker_claims(""),
+                keys.CLAIM_TTL_MS,
                 *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
             ],
         )

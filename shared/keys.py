@@ -101,10 +101,22 @@ def worker_queue(queue: str, name: str) -> str:
     return f"{queue}:w:{name}"
 
 
+def worker_claims(name: str) -> str:
+    """Counter: jobs the hive routed to a worker's own queue that the worker has not
+    yet counted as running (the submit script adds one; the worker takes one off
+    as it counts the job running, in one MULTI; the reaper, for each job it hands
+    on). The script appends the name to ``worker_claims("")``."""
+    return f"{PREFIX}:claims:{name}"
+
+
+#: How long claims hold if their jobs never reach the worker (a worker that died).
+CLAIM_TTL_MS = 30_000
+
+
 def idle_with(queue: str, model: str, revision: str | None) -> str:
     """Sorted set: the workers of ``queue`` with a free slot that hold ``model`` at
     ``revision``, scored by when a slot last freed. The submit script picks one
-    whose slots are not all taken (running plus routed to its own queue) and drops
+    whose slots are not all taken (running plus its claims) and drops
     full ones; a worker adds itself again when a job gives its slot back."""
     return f"{PREFIX}:idle:{queue}:{model}@{revision or 'main'}"
 

@@ -20,7 +20,7 @@ def test_nothing_of_a_job_is_left_after_its_ttl(redis_url, hub, log_dir, tmp_pat
     hive = processes.start("hive-ttl", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir, env)
     worker = processes.start(
         "worker-ttl",
-        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", "50"),
+        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", "50", "--max-batch", "1"),  # the second job waits
         log_dir,
         env,
     )

@@ -25,7 +25,8 @@ def start_cluster(name: str, redis_url: str, hub, log_dir, hf_home, workers: int
     procs = [
         processes.start(
             f"worker-{name}-{n}",
-            processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", *worker_args),
+            # One slot each: these tests are about which worker a job goes to when one is busy.
+            processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--max-batch", "1", *worker_args),
             log_dir,
             env={"HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home)},
         )

@@ -31,7 +31,7 @@ def test_make_room_unloads_least_recently_used_idle_models_first():
     unloaded = []
     cache.on_unload = lambda repo_id, revision: unloaded.append(repo_id)
     held(cache, "a/old", 40, last_used=1.0)
-    held(cache, "a/busy", 40, last_used=0.5).in_use = True
+    held(cache, "a/busy", 40, last_used=0.5).users = 1
     held(cache, "a/new", 10, last_used=3.0)
     cache.make_room("a/next", 45)
     assert unloaded == ["a/old"]  # enough: 40 + 10 + 45 fits; the busy one is never touched

@@ -85,7 +85,7 @@ def mirror(upstream, redis_url, log_dir, tmp_path_factory):
     workers = [
         processes.start(
             f"worker-mirror-{i}",
-            processes.hive_command("worker", "--redis-url", redis_url, "--queue", QUEUE, "--device", "cpu"),
+            processes.hive_command("worker", "--redis-url", redis_url, "--queue", QUEUE, "--device", "cpu", "--max-batch", "1"),  # one job each: both pull
             log_dir,
             env={"HF_ENDPOINT": hive.hub, "HF_HOME": str(tmp_path_factory.mktemp(f"hf-home-{i}")), "HF_HUB_DISABLE_TELEMETRY": "1"},
         )

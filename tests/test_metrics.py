@@ -41,7 +41,7 @@ def metered(redis_url, hub, log_dir, tmp_path_factory):
     worker = processes.start(
         "worker-metrics",
         processes.hive_command(
-            "worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", str(TOKEN_DELAY_MS)
+            "worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", str(TOKEN_DELAY_MS), "--max-batch", "1"
         ),
         log_dir,
         env={

@@ -200,7 +200,7 @@ def shared_cache_pair(redis_url, hub, log_dir, tmp_path_factory):
     workers = [
         processes.start(
             f"worker-shared-dl-{n}",
-            processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu"),
+            processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--max-batch", "1"),  # one job each: both download
             log_dir,
             env={"HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), **HUB_ENV},
         )

@@ -7,7 +7,7 @@ worker drops off by itself), scores the worker in its queue's worker set, and
 unloads models whose keep-alive ran out. While it has a free slot, the worker is
 listed in the idle set of each model it holds: the hive picks it from there for a
 job on that model when its slots are not all taken (running jobs plus those
-already routed to its own queue) and routes the job to the worker's own queue
+routed to it and not yet taken) and routes the job to the worker's own queue
 (warm routing, capacity-aware: hive/submit.py).
 """
 
@@ -108,12 +108,14 @@ class Presence:
     def own_queue(self) -> str:
         return keys.worker_queue(self.queue, self.name)
 
-    def busy(self, job: RunningJob) -> None:
-        """Took ``job``: with no slot left, no longer listed for any model (a pick
-        that raced with this leaves a job on the own queue, which the hive's reaper
-        hands on)."""
+    def busy(self, job: RunningJob, routed_here: bool) -> None:
+        """Took ``job`` (``routed_here``: from its own queue, so one claim is spent,
+        in the same MULTI that counts the job running); with no slot left, no longer
+        listed for any model."""
         full = self.running.free == 0
-        with self.redis.pipeline(transaction=False) as pipe:
+        with self.redis.pipeline(transaction=True) as pipe:
+            if routed_here:
+                pipe.decr(keys.worker_claims(self.name))
             for m in self.models.held() if full else ():
                 pipe.zrem(keys.idle_with(self.queue, m.repo_id, m.revision), self.name)
             self._write(pipe)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import redis
 import torch
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from shared import jobs, keys
@@ -148,7 +149,8 @@ class WorkerRuntime:
         job = RunningJob(job_id, str(spec.get("model", "")))
         self.running.add(job)
         try:
-            self.presence.busy(job)
+            rq_job = get_current_job()
+            self.presence.busy(job, routed_here=rq_job is not None and rq_job.origin == self.presence.own_queue)
             queue = self.settings.queue
             job.reporter = MeasuredReporter(
                 self.metrics,
