@@ -1,0 +1,129 @@
+"""Which batching engine: Hive's own (worker/engine.py: a left-padded KV cache over
+transformers' model classes) against transformers' ``ContinuousBatchingManager``
+(paged attention, ``attn_implementation="paged|sdpa"``), in one process, on the
+same 135M-shaped weights, with N requests of the batching benchmark's two cases.
+No Redis and no HTTP: the engines alone.
+
+    python -m bench.engines --n 1,8,16 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from bench.batching import build, prompts
+from bench.doc import replace_section
+from bench.figure import spread
+
+
+class _Silent:
+    """What the engine's metrics and reporters are asked, answered with nothing."""
+
+    def batch_changed(self, *args) -> None: ...
+    def admitted(self, job) -> None: ...
+    def token_commands(self, token, first) -> list[bytes]:
+        return []
+
+
+def hive_engine(model, tokenizer, requests) -> tuple[float, float]:
+    """(tokens/s, median first-token seconds) through worker.engine.Engine."""
+    from worker.engine import Engine
+    from worker.running import RunningJob
+    from worker.sequence import SamplingParams, Sequence
+
+    engine = Engine(model, "bench", None, max(len(requests), 1), lambda: 1 << 40, _Silent())
+    jobs = []
+    start = time.perf_counter()
+    for k, (ids, max_tokens) in enumerate(requests):
+        job = RunningJob(str(k), "bench", reporter=_Silent())
+        job.sequence = Sequence(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, temperature=0), frozenset())
+        engine.submit(job)
+        jobs.append(job)
+    for job in jobs:
+        job.done.wait()
+    wall = time.perf_counter() - start
+    engine.stop()
+    return sum(j.tokens for j in jobs) / wall, statistics.median(j.first_at - start for j in jobs)
+
+
+def transformers_cb(model, requests) -> tuple[float, float]:
+    """(tokens/s, median first-token seconds) through ContinuousBatchingManager."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(m for _, m in requests), do_sample=False, eos_token_id=-1)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    first: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    start = time.perf_counter()
+    ids = [manager.add_request(p, max_new_tokens=m, streaming=True) for p, m in requests]
+    left = set(ids)
+    while left:
+        result = manager.get_result(timeout=1)
+        if result is None:
+            continue
+        first.setdefault(result.request_id, time.perf_counter())
+        counts[result.request_id] = len(result.generated_tokens)
+        if result.is_finished():
+            left.discard(result.request_id)
+    wall = time.perf_counter() - start
+    manager.stop(block=True)
+    model.destroy_cached_continuous_batching_manager() if hasattr(model, "destroy_cached_continuous_batching_manager") else None
+    return sum(counts.values()) / wall, statistics.median(t - start for t in first.values())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", default="1,8,16")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hive-bench-engines-") as tmp:
+        folder = build(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        paged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="paged|sdpa").eval()
+        rng = random.Random(0)
+        for case in ("equal", "mixed"):
+            for n in [int(x) for x in args.n.split(",")]:
+                requests = prompts(case, n, tokenizer, rng)
+                hive_engine(ours, tokenizer, requests[:1])  # warm both
+                transformers_cb(paged, requests[:1])
+                h = [hive_engine(ours, tokenizer, requests) for _ in range(args.runs)]
+                t = [transformers_cb(paged, requests) for _ in range(args.runs)]
+                results[(case, n)] = (h, t)
+                print(f"{case} N={n}: hive {statistics.median(r[0] for r in h):.1f} tok/s, "
+                      f"transformers CB {statistics.median(r[0] for r in t):.1f} tok/s", flush=True)
+    rows = ["| case | N | Hive's engine tokens/s | transformers CB tokens/s | ratio | first token, Hive / CB (s) |", "| --- | --- | --- | --- | --- | --- |"]
+    for (case, n), (h, t) in results.items():
+        ratio = statistics.median(r[0] for r in h) / statistics.median(r[0] for r in t)
+        rows.append(f"| {case} | {n} | {spread([r[0] for r in h], '.1f')} | {spread([r[0] for r in t], '.1f')} | {ratio:.2f}× | "
+                    f"{statistics.median(r[1] for r in h):.2f} / {statistics.median(r[1] for r in t):.2f} |")
+    table = "\n".join(rows)
+    print(table)
+    if not args.no_write:
+        replace_section("Batching engine", f"""## Batching engine
+
+`python -m bench.engines --n {args.n} --runs {args.runs}`, {time.strftime('%Y-%m-%d')}, this machine, in one process,
+the batching benchmark's 135M-shaped weights and requests (greedy, fp32, CPU): Hive's engine
+(`worker/engine.py`) against transformers' `ContinuousBatchingManager` (`init_continuous_batching`,
+`attn_implementation="paged|sdpa"`, streaming requests), medians of {args.runs} runs with min–max.
+
+{table}
+""")
+    return results
+
+
+if __name__ == "__main__":
+    main()
