@@ -7,7 +7,8 @@ figure next to its target, written to the "## Summary" section of docs/benchmark
 Each benchmark also writes its own section (unless --no-write). ``relay`` and
 ``fleet`` run as their own processes (``python -m bench.relay`` /
 ``bench.fleet`` with small round counts) and their verdict lines are read back;
-``load``, ``download``, ``redis``, ``fanout`` and ``submit`` are called in this process.
+``load``, ``download``, ``redis``, ``fanout``, ``submit``, ``engines`` and ``batching`` are
+called in this process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench import download, fanout, load, redis_cmds, submit
+from bench import batching, download, engines, fanout, load, redis_cmds, submit
 from bench.doc import replace_section, section_text
 from bench.figure import Figure
 
@@ -31,8 +32,13 @@ COMMANDS = {
     "redis": ["python", "-m", "bench.redis_cmds", "--rounds", "3", "--tokens", "200"],
     "fanout": ["python", "-m", "bench.fanout", "--rounds", "3", "--seconds", "5"],
     "submit": ["python", "-m", "bench.submit", "--rounds", "3", "--seconds", "5"],
+    "engines": ["python", "-m", "bench.engines", "--n", "1,8,16", "--runs", "2"],
+    "batching": ["python", "-m", "bench.batching", "--runs", "2"],
 }
-IN_PROCESS = {"load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main}
+IN_PROCESS = {
+    "load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main,
+    "engines": engines.main, "batching": batching.main,
+}
 
 
 def relay_figures(stdout: str) -> list[Figure]:

@@ -146,7 +146,7 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
             continue
         while sent < due:
             reporter = reporters[sent % len(reporters)]
-            writer.send(reporter.token_commands(Token(t=f"{time.time_ns()}", i=sent), first=False))
+            writer.send(reporter.token_commands(Token(t=f"{time.time_ns()}", i=sent)))
             sent += 1
     elapsed = time.perf_counter() - start
     print(json.dumps({"sent": sent, "seconds": elapsed, "start_ns": start_ns}), flush=True)

@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from shared import events, jobs, keys
-from shared.events import Error, Queued, Retry
+from shared.events import Error, Queued, Retry, Token
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
 
@@ -142,7 +142,12 @@ class JobService:
             return "nothing"
         worker = record.get(jobs.WORKER) or "?"
         attempt = int(record.get(jobs.ATTEMPT) or 1)
-        if not record.get(jobs.FIRST_TOKEN_AT) and attempt < jobs.MAX_ATTEMPTS:
+        # Whether it produced a token: then its log ends with one (a job ends with
+        # `end` or `error`, and a retry happens only before any token), so the
+        # worker's token path needs no record write of its own.
+        last = self.queue.connection.xrevrange(keys.job_events(job_id), count=1)
+        had_token = bool(last) and last[0][1].get(b"e") == Token.type.encode()
+        if not had_token and attempt < jobs.MAX_ATTEMPTS:
             attempt += 1
             rq_id = f"{job_id}-{attempt}"  # RQ ids allow letters, digits, _ and -
             spec = json.loads(record[jobs.SPEC])
@@ -162,7 +167,7 @@ class JobService:
                 lambda pipe: self._enqueue_rq(pipe, queue.name, queue, job_id, rq_id, spec, record.get(jobs.KIND) or "inference"),
             )
             return "retried"
-        phase = "after its first token" if record.get(jobs.FIRST_TOKEN_AT) else f"on attempt {attempt}"
+        phase = "after its first token" if had_token else f"on attempt {attempt}"
         self._end_here(job_id, JobState.failed, Error("WORKER_LOST", f"worker {worker} stopped responding {phase}"), record.get(jobs.KIND) or "inference")
         return "failed"
 

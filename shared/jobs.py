@@ -42,7 +42,6 @@ RQ_ID = "rq_id"  # the RQ job carrying the current attempt
 QUEUE = "queue"  # the cluster's queue (a retry goes back to it; depth limits count on it)
 RQ_QUEUE = "rq_queue"  # the RQ queue holding the current attempt: QUEUE, or a warm worker's own
 POSITION = "position"  # the last queue position its stream was told
-FIRST_TOKEN_AT = "first_token_at"
 OUTPUT = "output"
 PROMPT_TOKENS = "prompt_tokens"
 ERROR_CODE = "error_code"

@@ -36,7 +36,7 @@ async def _follow_while_publishing(redis_url: str, followers: int, tokens: int) 
     received: list[list[bytes]] = [[await anext(s)] for s in streams]  # each has joined
     writer = StepWriter(sync)
     for i in range(tokens):  # as the engine sends them: one pipeline a step, replies read later
-        writer.send(reporter.token_commands(Token(f"t{i}", i), first=False))
+        writer.send(reporter.token_commands(Token(f"t{i}", i)))
     writer.flush()
     reporter.emit(End(tokens, 1.0, 1.0, "max_tokens"))
     for stream, frames in zip(streams, received):
@@ -90,14 +90,13 @@ def test_a_token_redis_refused_fails_the_next_step_and_the_connection_goes_back(
     reporter = JobReporter(sync, uuid.uuid4().hex, 60)
     reporter.emit(Queued(1))
     writer = StepWriter(sync)
-    writer.send(reporter.token_commands(Token("a", 0), first=True))
+    writer.send(reporter.token_commands(Token("a", 0)))
     reporter.seq -= 1  # the next token reuses id 2: the log refuses it
-    writer.send(reporter.token_commands(Token("b", 1), first=False))
+    writer.send(reporter.token_commands(Token("b", 1)))
     with pytest.raises(redis.ResponseError):
         writer.flush()
     pool = sync.connection_pool
     assert len(pool._in_use_connections) == 0
     reporter.emit(End(1, 1.0, 1.0, "max_tokens"))  # the job goes on with a healthy connection
     assert [fields[b"e"] for _, fields in sync.xrange(keys.job_events(reporter.job_id))] == [b"queued", b"token", b"end"]
-    assert sync.hexists(keys.job(reporter.job_id), "first_token_at")
     sync.close()

@@ -67,6 +67,8 @@ class Engine:
         self._metrics = metrics
         self._delay_s = token_delay_s
         self._chunking: tuple[RunningJob, PromptChunks] | None = None
+        #: Admitted this step, not yet in the batch (their prefill may fail).
+        self._joining: list[RunningJob] = []
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"hive-engine-{name}", daemon=True)
@@ -127,10 +129,11 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         """Ends every job of the batch with ``error``; waiting jobs keep waiting
         (they have written nothing yet), unless the engine stops."""
-        jobs = list(self.batch.rows)
-        if self._chunking is not None:
+        jobs = [*self.batch.rows, *(j for j in self._joining if j not in self.batch.rows)]
+        self._joining = []
+        if self._chunking is not None and self._chunking[0] not in jobs:
             jobs.append(self._chunking[0])
-            self._chunking = None
+        self._chunking = None
         self.batch.filter([])
         self._writer.close()
         if self._stopped:
@@ -170,19 +173,20 @@ class Engine:
             prefilled = self.batch.prefill_chunk(chunks, self.scheduler.prefill_tokens)
             if prefilled is None:
                 return [], None
-            self._chunking = None
+            self._chunking, self._joining = None, [job]
             return [job], prefilled
         with self._wake:
             group = self.scheduler.admit(self.batch.rows)
         if not group:
             return [], None
+        self._joining = group
         now = time.perf_counter()
         for job in group:
             job.admitted_at = now
             job.phase = "running"
             self._metrics.admitted(job)
         if len(group) == 1 and len(group[0].sequence.prompt_ids) > self.scheduler.prefill_tokens:
-            self._chunking = (group[0], PromptChunks(group[0].sequence.prompt_ids))
+            self._chunking, self._joining = (group[0], PromptChunks(group[0].sequence.prompt_ids)), []
             return self._admit()
         return group, self.batch.prefill([j.sequence.prompt_ids for j in group])
 
@@ -196,6 +200,7 @@ class Engine:
             offset = len(self.batch.rows)
             ended.update({offset + k: (joined[k], why) for k, why in stops})
             self.batch.join(joined, prefilled, first_ids)
+            self._joining = []
             self._changed()
         # Every row decodes, but for those that ended with their first token.
         decoding = [r for r in range(len(self.batch.rows)) if r not in ended]
@@ -234,7 +239,7 @@ class Engine:
             if step.i == 0:
                 job.first_at = now
             job.pieces.append(step.text)
-            commands.extend(job.reporter.token_commands(Token(step.text, step.i), first=step.i == 0))
+            commands.extend(job.reporter.token_commands(Token(step.text, step.i)))
             if step.stop_reason:
                 stops.append((k, step.stop_reason))
         return ids, stops

@@ -55,7 +55,7 @@ class JobReporter:
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)
-        pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline()})  # the lease, renewed by JobLease
+        pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline()})  # the lease, renewed by LeaseRenewal
         pipe.expire(keys.RUNNING, ttl_s)
         for key in unqueue:
             pipe.zrem(key, job_id)
@@ -79,22 +79,19 @@ class JobReporter:
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()
 
-    def token_commands(self, token: Token, first: bool) -> list[bytes]:
-        """The commands that append and publish ``token`` (and, for the first, mark
-        the record), packed for the engine's step pipeline (``StepWriter``), which
-        sends every job's tokens of one decode step together. hiredis packs
-        directly: redis-py's pack_commands wraps the same call in layers that cost
-        30 µs a token."""
+    def token_commands(self, token: Token) -> list[bytes]:
+        """The two commands that append and publish ``token``, packed for the
+        engine's step pipeline (``StepWriter``), which sends every job's tokens of
+        one decode step together. (A job that has produced a token is not retried
+        if its worker is lost: the hive reads that off the log, so no record write
+        goes with the first token.) hiredis packs directly: redis-py's
+        pack_commands wraps the same call in layers that cost 30 µs a token."""
         self.seq += 1
         data = token.to_json()
-        commands = [
+        return [
             hiredis.pack_command(("XADD", self._log_key, events.stream_id(self.seq), "e", token.type, "d", data)),
             hiredis.pack_command(("PUBLISH", self._channel, events.live_message(self.seq, token.type, data))),
         ]
-        if first:
-            # A job that has produced a token is not retried if its worker is lost.
-            commands.append(hiredis.pack_command(("HSET", keys.job(self.job_id), jobs.FIRST_TOKEN_AT, str(time.time()))))
-        return commands
 
     def update(self, state: JobState | None = None, **fields) -> None:
         self.redis.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))

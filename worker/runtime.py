@@ -294,7 +294,7 @@ class WorkerRuntime:
         )
         job.sequence = Sequence(loaded.model, loaded.tokenizer, prompt_ids, params, eos_ids(loaded.model, loaded.tokenizer))
         engine = self.engine_for(loaded)
-        engine.scheduler.check_fits_alone(job)
+        engine.scheduler.check_fits_alone(job)  # before `started`: a job that can never fit fails now
         started_at = time.time()
         reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
         job.phase = "waiting"

@@ -11,9 +11,9 @@ fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
 preempted.
 
 Prefill: newcomers' prompts are prefilled together when their padded size fits
-the step's token budget; a prompt longer than the budget is prefilled in chunks of
-that size, one chunk per step, so the running streams keep getting a token every
-step (chunked prefill).
+the step's token budget (four times larger while no stream is decoding); a prompt
+longer than the budget is prefilled in chunks of that size, one chunk per step, so
+the running streams keep getting a token every step (chunked prefill).
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from collections.abc import Callable
 
 from .batch import SPARE_COLUMNS
 from .running import RunningJob
+
+
+#: How much larger a prefill group may be when no stream is decoding.
+IDLE_PREFILL_FACTOR = 4
 
 
 class ContextTooLarge(Exception):
@@ -69,12 +73,16 @@ class Scheduler:
         prompt longer than the prefill budget comes alone: it is chunked). The
         oldest waits for room rather than being overtaken."""
         group: list[RunningJob] = []
+        # With no stream running there is no inter-token latency to protect: a wave
+        # of newcomers is prefilled in fewer, larger forward passes (each pass reads
+        # every weight once: on the CPU that is most of a short prefill's cost).
+        budget = self.prefill_tokens if running else IDLE_PREFILL_FACTOR * self.prefill_tokens
         while self.waiting and len(running) + len(group) < self.max_batch:
             job = self.waiting[0]
             if self.footprint([*running, *group, job]) > self._kv_budget():
                 break
             longest = max(len(j.sequence.prompt_ids) for j in (*group, job))
-            if group and longest * (len(group) + 1) > self.prefill_tokens:
+            if group and longest * (len(group) + 1) > budget:
                 break
             group.append(self.waiting.popleft())
             if len(job.sequence.prompt_ids) > self.prefill_tokens:
