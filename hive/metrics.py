@@ -40,7 +40,7 @@ from shared import keys
 log = logging.getLogger("hive.metrics")
 
 #: Always reported, at zero when no worker is in them, so their series never vanish.
-WORKER_STATES = ("idle", "downloading", "loading", "busy")
+WORKER_STATES = ("idle", "busy")  # a busy worker's jobs each have their phase (/v1/workers)
 
 
 def _rq_key(queue: str) -> str:

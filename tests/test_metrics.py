@@ -161,6 +161,10 @@ def test_the_hive_shows_queues_workers_and_streams_while_a_job_runs(metered):
     worker_after = Scrape(metered.worker_metrics_url)
     assert worker_after("hive_jobs_finished_total", **CANCELLED) - worker_before("hive_jobs_finished_total", **CANCELLED) == 1
     assert worker_after("hive_jobs_finished_total", **COMPLETED) - worker_before("hive_jobs_finished_total", **COMPLETED) == 1
+    # The batch: one slot (--max-batch 1), empty again, and each job's wait for its slot counted.
+    assert worker_after("hive_batch_capacity") == 1
+    assert worker_after("hive_slot_wait_seconds_count") - worker_before("hive_slot_wait_seconds_count") == 2
+    assert worker_after("hive_batch_size", model="acme/tiny") == 0 and worker_after("hive_kv_cache_bytes", model="acme/tiny") == 0
 
 
 def test_a_job_that_fails_counts_under_its_error_code(metered):
