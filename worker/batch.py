@@ -75,6 +75,12 @@ class GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized or self._keys is None:
+            return 0
+        return self._keys.numel() * self._keys.element_size() + self._values.numel() * self._values.element_size()
+
 
 def new_cache() -> Cache:
     return Cache(layer_class_to_replicate=GrowingLayer)
@@ -121,6 +127,13 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the cache's buffers take, spare room included."""
+        if self.cache is None:
+            return 0
+        return sum(layer.nbytes for layer in self.cache.layers)
 
     @property
     def width(self) -> int:

@@ -39,6 +39,8 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 #: streams' next token by about that prefill's time (bench/batching.py measures
 #: the inter-token p99). A GPU prefills many more tokens in the same time.
 PREFILL_TOKENS = {"cpu": 128, "cuda": 512}
+#: How long the engine waits before looking again when jobs wait and none can run.
+IDLE_WAIT_S = 0.05
 
 
 class BatchMetrics:
@@ -101,10 +103,7 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """What the batch's cache takes now (the reservation may be more)."""
-        cache = self.batch.cache
-        if cache is None:
-            return 0
-        return sum(layer._keys.numel() * layer._keys.element_size() * 2 for layer in cache.layers if layer._keys is not None)
+        return self.batch.cache_bytes
 
     # The engine's thread.
 
@@ -116,13 +115,20 @@ class Engine:
                 if self._stopped:
                     break
             try:
-                self._step()
+                worked = self._step()
             except REDIS_DOWN as e:
                 log.warning("engine %s: lost Redis (%s); ending the batch's jobs", self.name, e)
                 self._fail_all(e)
+                worked = False
             except Exception as e:  # step boundary: a forward that failed (out of memory, a bug) fails its batch
                 log.exception("engine %s: a step failed; ending the batch's jobs", self.name)
                 self._fail_all(e)
+                worked = False
+            if not worked:
+                # Jobs wait for room (another model's batch holds it) and none runs
+                # here: look again shortly rather than spin (a cancel is seen then too).
+                with self._wake:
+                    self._wake.wait(IDLE_WAIT_S)
         self._writer.close()
         self._fail_all(RuntimeError("the model was unloaded"))
 
@@ -190,7 +196,8 @@ class Engine:
             return self._admit()
         return group, self.batch.prefill([j.sequence.prompt_ids for j in group])
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step; whether it ran a forward pass."""
         self._leave_stopped()
         commands: list[bytes] = []
         ended: dict[int, tuple[RunningJob, str]] = {}  # by batch row
@@ -223,6 +230,7 @@ class Engine:
             self._changed()
         if self._delay_s:
             time.sleep(self._delay_s)
+        return prefilled is not None or bool(decoding) or self._chunking is not None
 
     @staticmethod
     def _sample(jobs: list[RunningJob], logits: torch.Tensor, commands: list[bytes]) -> tuple[list[int], list[tuple[int, str]]]:
