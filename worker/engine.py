@@ -176,7 +176,7 @@ class Engine:
         """One prefill op: the next chunk of a long prompt, or a new group."""
         if self._chunking is not None:
             job, chunks = self._chunking
-            prefilled = self.batch.prefill_chunk(chunks, self.scheduler.prefill_tokens)
+            prefilled = self.batch.prefill_chunk(chunks, self.scheduler.budget(len(self.batch.rows)))
             if prefilled is None:
                 return [], None
             self._chunking, self._joining = None, [job]
@@ -191,7 +191,7 @@ class Engine:
             job.admitted_at = now
             job.phase = "running"
             self._metrics.admitted(job)
-        if len(group) == 1 and len(group[0].sequence.prompt_ids) > self.scheduler.prefill_tokens:
+        if len(group) == 1 and len(group[0].sequence.prompt_ids) > self.scheduler.step_budget:
             self._chunking, self._joining = (group[0], PromptChunks(group[0].sequence.prompt_ids)), []
             return self._admit()
         return group, self.batch.prefill([j.sequence.prompt_ids for j in group])
@@ -209,6 +209,9 @@ class Engine:
             self.batch.join(joined, prefilled, first_ids)
             self._joining = []
             self._changed()
+            # The newcomers' first tokens go out now, not after this step's decode.
+            self._writer.send(commands)
+            commands = []
         # Every row decodes, but for those that ended with their first token.
         decoding = [r for r in range(len(self.batch.rows)) if r not in ended]
         if decoding:

@@ -11,9 +11,10 @@ fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
 preempted.
 
 Prefill: newcomers' prompts are prefilled together when their padded size fits
-the step's token budget (four times larger while no stream is decoding); a prompt
-longer than the budget is prefilled in chunks of that size, one chunk per step, so
-the running streams keep getting a token every step (chunked prefill).
+the step's token budget; a prompt longer than the budget is prefilled in chunks of
+that size, one chunk per step, so the running streams keep getting a token every
+step (chunked prefill). The budget grows, up to fourfold, while no stream decodes
+or while jobs queue up behind the step (``Scheduler.budget``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from .batch import SPARE_COLUMNS
 from .running import RunningJob
 
 
-#: How much larger a prefill group may be when no stream is decoding.
-IDLE_PREFILL_FACTOR = 4
+#: How much larger than the base budget a step's prefill may be: with no stream
+#: decoding, or with a backlog of BACKLOG_PER_STEP waiting jobs per step of it.
+MAX_PREFILL_FACTOR = 4
+BACKLOG_PER_STEP = 4
 
 
 class ContextTooLarge(Exception):
@@ -52,6 +55,8 @@ class Scheduler:
         self.bytes_per_token = bytes_per_token
         self._kv_budget = kv_budget
         self.waiting: deque[RunningJob] = deque()
+        #: The prefill budget admit() decided on last (a longer prompt is chunked by it).
+        self.step_budget = prefill_tokens
 
     def footprint(self, jobs: list[RunningJob]) -> int:
         """The most KV-cache bytes these jobs can take together, padded as a batch."""
@@ -73,10 +78,7 @@ class Scheduler:
         prompt longer than the prefill budget comes alone: it is chunked). The
         oldest waits for room rather than being overtaken."""
         group: list[RunningJob] = []
-        # With no stream running there is no inter-token latency to protect: a wave
-        # of newcomers is prefilled in fewer, larger forward passes (each pass reads
-        # every weight once: on the CPU that is most of a short prefill's cost).
-        budget = self.prefill_tokens if running else IDLE_PREFILL_FACTOR * self.prefill_tokens
+        budget = self.step_budget = self.budget(len(running))
         while self.waiting and len(running) + len(group) < self.max_batch:
             job = self.waiting[0]
             if self.footprint([*running, *group, job]) > self._kv_budget():
@@ -85,6 +87,17 @@ class Scheduler:
             if group and longest * (len(group) + 1) > budget:
                 break
             group.append(self.waiting.popleft())
-            if len(job.sequence.prompt_ids) > self.prefill_tokens:
+            if len(job.sequence.prompt_ids) > budget:
                 break  # alone, in chunks
         return group
+
+    def budget(self, running: int) -> int:
+        """Prompt tokens to prefill in this step. With no stream running there is no
+        inter-token latency to protect, and a backlog (a burst of arrivals) is
+        worth larger steps, so that its last newcomer's first token does not wait
+        behind many small ones: each forward pass reads every weight once, which on
+        the CPU is most of a short prefill's cost. A trickle of arrivals joins in
+        small chunks, which the running streams barely notice."""
+        if not running:
+            return MAX_PREFILL_FACTOR * self.prefill_tokens
+        return self.prefill_tokens * min(MAX_PREFILL_FACTOR, 1 + len(self.waiting) // BACKLOG_PER_STEP)
