@@ -48,6 +48,7 @@ class BatchMetrics:
 
     def batch_changed(self, model: str, size: int, kv_bytes: int) -> None: ...
     def admitted(self, job: RunningJob) -> None: ...
+    def sent(self, commands: int) -> None: ...
 
 
 class Engine:
@@ -210,7 +211,7 @@ class Engine:
             self._joining = []
             self._changed()
             # The newcomers' first tokens go out now, not after this step's decode.
-            self._writer.send(commands)
+            self._send(commands)
             commands = []
         # Every row decodes, but for those that ended with their first token.
         decoding = [r for r in range(len(self.batch.rows)) if r not in ended]
@@ -224,7 +225,7 @@ class Engine:
                 ids[r] = picked[k]
             self.batch.feed(ids)
             ended.update({decoding[k]: (self.batch.rows[decoding[k]], why) for k, why in stops})
-        self._writer.send(commands)
+        self._send(commands)
         if ended:
             self._writer.flush()  # in Redis before the jobs' threads write their ends
             self.batch.filter([r for r in range(len(self.batch.rows)) if r not in ended])
@@ -234,6 +235,10 @@ class Engine:
         if self._delay_s:
             time.sleep(self._delay_s)
         return prefilled is not None or bool(decoding) or self._chunking is not None
+
+    def _send(self, commands: list[bytes]) -> None:
+        self._writer.send(commands)
+        self._metrics.sent(len(commands))
 
     @staticmethod
     def _sample(jobs: list[RunningJob], logits: torch.Tensor, commands: list[bytes]) -> tuple[list[int], list[tuple[int, str]]]:

@@ -88,6 +88,9 @@ class WorkerMetrics:
         self.capacity = Gauge("hive_batch_capacity", "Jobs this worker runs at once (--max-batch).", registry=r)
         self.batch_size = Gauge("hive_batch_size", "Sequences in the model's batch now (prefilling or decoding).", ["model"], registry=r)
         self.kv_cache_bytes = Gauge("hive_kv_cache_bytes", "Bytes the model's batch KV cache takes now.", ["model"], registry=r)
+        self.token_commands = Counter(
+            "hive_token_commands", "Redis commands the batches sent for tokens (two a token: XADD and PUBLISH).", registry=r
+        )
         self.slot_wait = Histogram(
             "hive_slot_wait_seconds", "From submit to the job's prefill in its model's batch (queue, download, load and the wait for a slot).",
             buckets=QUEUE_WAIT_BUCKETS, registry=r,
@@ -96,6 +99,9 @@ class WorkerMetrics:
     def batch_changed(self, model: str, size: int, kv_bytes: int) -> None:
         self.batch_size.labels(model).set(size)
         self.kv_cache_bytes.labels(model).set(kv_bytes)
+
+    def sent(self, commands: int) -> None:
+        self.token_commands.inc(commands)
 
     def admitted(self, job) -> None:
         created_at = getattr(job.reporter, "created_at", None)
