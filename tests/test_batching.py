@@ -178,6 +178,33 @@ def test_workers_api_and_rq_show_every_running_job(batching, redis_url):
     assert all(status(url, j["job_id"])["state"] == "completed" for j in jobs)
 
 
+def test_a_job_past_its_timeout_leaves_the_batch_with_timeout_and_the_others_go_on(batching, redis_url, log_dir):
+    """RQ's job timeout (TimerDeathPenalty on the job's slot thread) inside a batch: a
+    second hive on the same queue submits with a 2 s timeout."""
+    url, queue, _ = batching
+    port = processes.free_port()
+    strict = processes.start(
+        "hive-batching-strict",
+        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, "--job-timeout-s", "2"),
+        log_dir,
+    )
+    try:
+        strict_url = f"http://127.0.0.1:{port}"
+        processes.wait_until(lambda: processes.health(strict_url)["status"] == "ok", 30, "the strict hive", (strict,))
+        body = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=150, temperature=0)  # 40 ms a step: 6 s
+        alone = output(url, run_job(url, **{**body, "max_tokens": 80})[0]["job_id"])
+        other = submit(url, **{**body, "max_tokens": 80})
+        timed = submit(strict_url, **body)
+        received = follow(strict_url, timed["sse_url"])
+        error = events(received)[-1]
+        assert error.event == "error" and error.json()["code"] == "TIMEOUT" and received[-1].done
+        assert 0 < sum(r.event == "token" for r in received) < 150
+        follow(url, other["sse_url"])
+        assert status(url, other["job_id"])["output"] == alone
+    finally:
+        strict.stop()
+
+
 def test_kill_9_under_a_batch_ends_every_follower_within_10_s(batching):
     url, _, worker = batching
     jobs = [submit(url, model=MODEL, prompt=p, max_tokens=200, temperature=0) for p in PROMPTS[:3]]
