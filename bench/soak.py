@@ -32,6 +32,7 @@ from tests.tiny_models import build_model
 
 TTL_S = 15
 STREAM_TIMEOUT_S = 60
+JOB_TIMEOUT_S = 120
 
 
 def rss_mb(pid: int) -> float:
@@ -106,7 +107,8 @@ async def run_jobs(url: str, redis_url: str, jobs: int, concurrency: int, seed: 
             nonlocal done
             async with gate:
                 try:
-                    await one_job(client, random.Random(rng.random()), stats, connection)
+                    # Bounded: a job that never ends is a finding, not a hang of the soak.
+                    await asyncio.wait_for(one_job(client, random.Random(rng.random()), stats, connection), JOB_TIMEOUT_S)
                 except Exception as e:  # a failed job is a finding, counted, not a crash
                     stats[f"client error: {type(e).__name__}"] += 1
                 done += 1
@@ -191,7 +193,9 @@ def main() -> None:
                 time.sleep(1)
             # The surviving worker's presence (its heartbeat hash, the queue's worker
             # set) is alive, not left over: it expires WORKER_DEAD_AFTER_S after the worker.
-            presence = {keys.workers(keys.DEFAULT_QUEUE)} | {keys.worker(n.decode()) for n in connection.zrange(keys.workers(keys.DEFAULT_QUEUE), 0, -1)}
+            # Its claims counter too: it expires CLAIM_TTL_MS after the last job routed to it.
+            live = [n.decode() for n in connection.zrange(keys.workers(keys.DEFAULT_QUEUE), 0, -1)]
+            presence = {keys.workers(keys.DEFAULT_QUEUE)} | {keys.worker(n) for n in live} | {keys.worker_claims(n) for n in live}
             hive_keys = sorted(k for k in (k.decode() for k in connection.scan_iter("hive:*")) if k not in presence)
             live_presence = sorted(presence & {k.decode() for k in connection.scan_iter("hive:*")})
             rq_jobs = sum(1 for _ in connection.scan_iter("rq:job:*"))

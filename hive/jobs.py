@@ -7,6 +7,7 @@ the front of the shared queue within a second.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
 
 from .submit import Submitter
+
+log = logging.getLogger("hive.jobs")
 
 
 class JobNotFound(Exception):
@@ -261,8 +264,35 @@ class JobService:
                     pipe.execute()
                 moved += 1
             if dead:
+                moved += self._recover_popped(shared, name)
                 connection.srem(Queue.redis_queues_keys, queue_key)
         return moved
+
+    def _recover_popped(self, shared: str, name: str) -> int:
+        """Jobs a dead worker had popped from its own queue but not yet taken (it
+        died in the moment between RQ's pop and the job's first write): they are
+        still waiting, on no list. Back to the front of the shared queue."""
+        connection = self.queue.connection
+        own = keys.worker_queue(shared, name).encode()
+        waiting = [raw.decode() for raw in connection.zrange(keys.queued(shared), 0, -1)]
+        with connection.pipeline(transaction=False) as pipe:
+            for job_id in waiting:
+                pipe.hmget(keys.job(job_id), jobs.RQ_QUEUE, jobs.STATE, jobs.RQ_ID)
+            records = pipe.execute()
+        recovered = 0
+        for job_id, (rq_queue, state, rq_id) in zip(waiting, records):
+            # The jobs still on its queue were moved above (their record says the shared queue now).
+            if rq_queue != own or state != JobState.queued.value.encode():
+                continue
+            rq_id = rq_id.decode() if rq_id else job_id
+            with connection.pipeline(transaction=False) as pipe:
+                pipe.lpush(self.queue.key, rq_id)
+                pipe.hset(Job.key_for(rq_id), "origin", shared)
+                pipe.hset(keys.job(job_id), jobs.RQ_QUEUE, shared)
+                pipe.execute()
+            log.warning("job %s: its worker %s died as it took it; back on the shared queue", job_id, name)
+            recovered += 1
+        return recovered
 
     def update_positions(self) -> int:
         """Tells the first POSITION_UPDATES waiting jobs their position when it
