@@ -13,10 +13,8 @@ import argparse
 import random
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from bench.batching import build, prompts
 from bench.doc import replace_section

@@ -8,13 +8,12 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from rq.registry import StartedJobRegistry
 from rq.worker import Worker
-import redis
 
 from tests import processes
 from tests.conftest import DEMO_MODEL_DIR

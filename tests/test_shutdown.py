@@ -13,7 +13,7 @@ import redis
 
 from shared import keys
 from tests import processes
-from tests.sse import status, submit
+from tests.sse import status
 
 pytestmark = pytest.mark.e2e
 
