@@ -279,20 +279,18 @@ class JobService:
             for job_id in waiting:
                 pipe.hmget(keys.job(job_id), jobs.RQ_QUEUE, jobs.STATE, jobs.RQ_ID)
             records = pipe.execute()
-        recovered = 0
-        for job_id, (rq_queue, state, rq_id) in zip(waiting, records):
-            # The jobs still on its queue were moved above (their record says the shared queue now).
-            if rq_queue != own or state != JobState.queued.value.encode():
-                continue
-            rq_id = rq_id.decode() if rq_id else job_id
-            with connection.pipeline(transaction=False) as pipe:
+        # The jobs still on its queue were moved above (their record says the shared queue now).
+        popped = [(job_id, rq_id.decode() if rq_id else job_id) for job_id, (rq_queue, state, rq_id) in zip(waiting, records)
+                  if rq_queue == own and state == JobState.queued.value.encode()]
+        with connection.pipeline(transaction=False) as pipe:
+            for job_id, rq_id in popped:
                 pipe.lpush(self.queue.key, rq_id)
                 pipe.hset(Job.key_for(rq_id), "origin", shared)
                 pipe.hset(keys.job(job_id), jobs.RQ_QUEUE, shared)
-                pipe.execute()
+            pipe.execute()
+        for job_id, _ in popped:
             log.warning("job %s: its worker %s died as it took it; back on the shared queue", job_id, name)
-            recovered += 1
-        return recovered
+        return len(popped)
 
     def update_positions(self) -> int:
         """Tells the first POSITION_UPDATES waiting jobs their position when it

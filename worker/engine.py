@@ -80,8 +80,8 @@ class Engine:
     # The job threads' side.
 
     def submit(self, job: RunningJob) -> None:
-        """Queues the job for the batch (raises ContextTooLarge if it could never fit)."""
-        self.scheduler.check_fits_alone(job)
+        """Queues the job for the batch (the caller checked it can fit:
+        ``scheduler.check_fits_alone``, before the job's `started`)."""
         job.submitted_at = time.perf_counter()
         with self._wake:
             self.scheduler.waiting.append(job)
