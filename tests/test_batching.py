@@ -225,12 +225,12 @@ def tight(redis_url, hub, log_dir, tmp_path_factory):
     the jobs below, not three."""
     import torch
 
-    from worker.batch import SPARE_COLUMNS
+    from worker.kv_cache import round_columns
     from worker.models import weights_bytes
 
     weights = weights_bytes(DEMO_MODEL_DIR, torch.device("cpu"), "auto")
     per_token = 2 * 4 * 2 * 16 * 4  # K and V × 4 layers × 2 KV heads × 16 dims × fp32
-    row = (ROW_TOKENS + SPARE_COLUMNS) * per_token
+    row = round_columns(ROW_TOKENS) * per_token  # a row's reservation
     budget = weights + int(2.5 * row)
     url, queue, hive, worker = start_cluster(
         "tight", redis_url, hub, log_dir, tmp_path_factory.mktemp("hf-tight"), "--max-batch", "8", "--token-delay-ms", "40",

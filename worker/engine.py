@@ -2,12 +2,13 @@
 in one batch, on a thread of its own.
 
 Each step: jobs that were cancelled, timed out or taken over leave; the scheduler
-admits newcomers (one prefill group, or one chunk of a long prompt); then one
-decode step runs for the whole batch; every job's sampled token goes to its own
-``Sequence`` (its sampling, stop sequences, limits); the step's tokens leave as one
-Redis pipeline; jobs that ended leave the batch and their threads are woken to
-write the terminal event. A job joins at the next step after it arrives, and a job
-that ends leaves at once.
+decides who joins and which prompt chunks are prefilled; then one forward pass
+computes every decoding job's next token and the prompt chunks together
+(worker/batch.py); every job that got logits has its token sampled by its own
+``Sequence`` (its sampling, stop sequences, limits); the step's tokens leave as
+one Redis pipeline; jobs that ended leave the batch and their threads are woken
+to write the terminal event. A job joins at the next step after it arrives, and a
+job that ends leaves at once.
 
 The job's own RQ slot thread (worker/runtime.py) waits on ``job.done``; between
 ``submit`` and ``done`` only the engine writes to the job's stream.
@@ -25,9 +26,9 @@ import torch
 
 from shared.events import Token
 
-from .batch import DecodeBatch, Prefilled, PromptChunks
+from .batch import Batch, Slot
 from .running import Outcome, RunningJob
-from .scheduler import Scheduler, kv_bytes_per_token
+from .scheduler import Scheduler
 from .step_writer import StepWriter
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,10 @@ log = logging.getLogger(__name__)
 #: Redis could not be reached, even after the client's own retries.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
-#: Prompt tokens one step prefills: a step with a prefill delays the running
-#: streams' next token by about that prefill's time (bench/batching.py measures
-#: the inter-token p99). A GPU prefills many more tokens in the same time.
+#: Prompt tokens one step prefills beside the decode: a step with a prefill chunk
+#: delays the running streams' next token by about that chunk's compute
+#: (bench/batching.py measures the inter-token p99). A GPU computes many more
+#: tokens in the same time.
 PREFILL_TOKENS = {"cpu": 128, "cuda": 512}
 #: How long the engine waits before looking again when jobs wait and none can run.
 IDLE_WAIT_S = 0.05
@@ -63,15 +65,11 @@ class Engine:
         token_delay_s: float = 0.0,
     ):
         self.name = name
-        self.batch = DecodeBatch(model)
-        device_type = self.batch.device.type
-        self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(device_type, 512), kv_bytes_per_token(model), kv_budget)
+        self.batch = Batch(model)
+        self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget)
         self._writer = StepWriter(writer_connection)
         self._metrics = metrics
         self._delay_s = token_delay_s
-        self._chunking: tuple[RunningJob, PromptChunks] | None = None
-        #: Admitted this step, not yet in the batch (their prefill may fail).
-        self._joining: list[RunningJob] = []
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"hive-engine-{name}", daemon=True)
@@ -81,7 +79,7 @@ class Engine:
 
     def submit(self, job: RunningJob) -> None:
         """Queues the job for the batch (the caller checked it can fit:
-        ``scheduler.check_fits_alone``, before the job's `started`)."""
+        ``check_fits_alone``, before the job's `started`)."""
         job.submitted_at = time.perf_counter()
         with self._wake:
             self.scheduler.waiting.append(job)
@@ -97,21 +95,25 @@ class Engine:
             self._stopped = True
             self._wake.notify()
 
-    @property
-    def running(self) -> int:
-        return len(self.batch) + (self._chunking is not None)
+    def check_fits_alone(self, job: RunningJob) -> None:
+        """Raises ContextTooLarge for a job this worker's memory could never hold."""
+        self.scheduler.check_fits_alone(job, self.batch)
 
     @property
-    def kv_bytes(self) -> int:
-        """What the batch's cache takes now (the reservation may be more)."""
-        return self.batch.cache_bytes
+    def running(self) -> int:
+        return len(self.batch)
+
+    @property
+    def kv_reserved(self) -> int:
+        """The bytes the batch's cache has reserved (what the memory budget counts)."""
+        return self.batch.cache.reserved_bytes()
 
     # The engine's thread.
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopped or self.scheduler.waiting or self.batch.rows or self._chunking):
+                while not (self._stopped or self.scheduler.waiting or len(self.batch)):
                     self._wake.wait()
                 if self._stopped:
                     break
@@ -136,12 +138,10 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         """Ends every job of the batch with ``error``; waiting jobs keep waiting
         (they have written nothing yet), unless the engine stops."""
-        jobs = [*self.batch.rows, *(j for j in self._joining if j not in self.batch.rows)]
-        self._joining = []
-        if self._chunking is not None and self._chunking[0] not in jobs:
-            jobs.append(self._chunking[0])
-        self._chunking = None
-        self.batch.filter([])
+        jobs = self.batch.owners
+        for slot in list(self.batch.slots):
+            self.batch.remove(slot)
+        self.scheduler.shrink(self.batch)
         self._writer.close()
         if self._stopped:
             with self._wake:
@@ -152,7 +152,17 @@ class Engine:
         self._changed()
 
     def _changed(self) -> None:
-        self._metrics.batch_changed(self.name, self.running, self.kv_bytes)
+        self._metrics.batch_changed(self.name, self.running, self.batch.cache.allocated_bytes)
+
+    def _leave(self, leaving: list[tuple[Slot, str]]) -> None:
+        """Slots leave the batch, and their jobs' threads take over with ``why``."""
+        self._writer.flush()  # their last tokens are in Redis before their threads write the end
+        for slot, _ in leaving:
+            self.batch.remove(slot)
+        self.scheduler.shrink(self.batch)
+        for slot, why in leaving:
+            slot.owner.end(Outcome(why))
+        self._changed()
 
     def _leave_stopped(self) -> None:
         """Jobs stopped from outside (cancel, timeout, lease lost) leave before the step."""
@@ -160,81 +170,35 @@ class Engine:
             for job in [j for j in self.scheduler.waiting if j.should_stop]:
                 self.scheduler.waiting.remove(job)
                 job.end(Outcome(job.should_stop))
-        if self._chunking is not None and self._chunking[0].should_stop:
-            job, self._chunking = self._chunking[0], None
-            job.end(Outcome(job.should_stop))
-        stopped = [(r, job.should_stop) for r, job in enumerate(self.batch.rows) if job.should_stop]
+        stopped = [(slot, slot.owner.should_stop) for slot in self.batch.slots if slot.owner.should_stop]
         if stopped:
-            self._writer.flush()  # their last tokens are in before their threads write the end
-            gone = {r for r, _ in stopped}
-            leaving = [(self.batch.rows[r], why) for r, why in stopped]
-            self.batch.filter([r for r in range(len(self.batch.rows)) if r not in gone])
-            for job, why in leaving:
-                job.end(Outcome(why))
-            self._changed()
-
-    def _admit(self) -> tuple[list[RunningJob], Prefilled | None]:
-        """One prefill op: the next chunk of a long prompt, or a new group."""
-        if self._chunking is not None:
-            job, chunks = self._chunking
-            prefilled = self.batch.prefill_chunk(chunks, self.scheduler.budget(len(self.batch.rows)))
-            if prefilled is None:
-                return [], None
-            self._chunking, self._joining = None, [job]
-            return [job], prefilled
-        with self._wake:
-            group = self.scheduler.admit(self.batch.rows)
-        if not group:
-            return [], None
-        self._joining = group
-        now = time.perf_counter()
-        for job in group:
-            job.admitted_at = now
-            job.phase = "running"
-            self._metrics.admitted(job)
-        if len(group) == 1 and len(group[0].sequence.prompt_ids) > self.scheduler.step_budget:
-            self._chunking, self._joining = (group[0], PromptChunks(group[0].sequence.prompt_ids)), []
-            return self._admit()
-        return group, self.batch.prefill([j.sequence.prompt_ids for j in group])
+            self._leave(stopped)
 
     def _step(self) -> bool:
         """One step; whether it ran a forward pass."""
         self._leave_stopped()
+        with self._wake:
+            joining, chunks = self.scheduler.plan(self.batch)
+        if joining:
+            now = time.perf_counter()
+            for job in joining:
+                job.admitted_at = now
+                job.phase = "running"
+                self._metrics.admitted(job)
+            self._changed()
+        if not chunks and not self.batch.decoding:
+            return False
+        slots, logits = self.batch.forward(chunks)
         commands: list[bytes] = []
-        ended: dict[int, tuple[RunningJob, str]] = {}  # by batch row
-        joined, prefilled = self._admit()
-        if prefilled is not None:
-            first_ids, stops = self._sample(joined, prefilled.logits, commands)
-            offset = len(self.batch.rows)
-            ended.update({offset + k: (joined[k], why) for k, why in stops})
-            self.batch.join(joined, prefilled, first_ids)
-            self._joining = []
-            self._changed()
-            # The newcomers' first tokens go out now, not after this step's decode.
-            self._send(commands)
-            commands = []
-        # Every row decodes, but for those that ended with their first token.
-        decoding = [r for r in range(len(self.batch.rows)) if r not in ended]
-        if decoding:
-            logits = self.batch.decode()
-            if len(decoding) < len(self.batch.rows):
-                logits = logits[decoding]
-            picked, stops = self._sample([self.batch.rows[r] for r in decoding], logits, commands)
-            ids = self.batch.next_ids.tolist()
-            for k, r in enumerate(decoding):
-                ids[r] = picked[k]
-            self.batch.feed(ids)
-            ended.update({decoding[k]: (self.batch.rows[decoding[k]], why) for k, why in stops})
+        ids, stops = self._sample([slot.owner for slot in slots], logits, commands)
+        for slot, token_id in zip(slots, ids):
+            self.batch.feed(slot, token_id)
         self._send(commands)
-        if ended:
-            self._writer.flush()  # in Redis before the jobs' threads write their ends
-            self.batch.filter([r for r in range(len(self.batch.rows)) if r not in ended])
-            for job, why in ended.values():
-                job.end(Outcome(why))
-            self._changed()
+        if stops:
+            self._leave([(slots[k], why) for k, why in stops])
         if self._delay_s:
             time.sleep(self._delay_s)
-        return prefilled is not None or bool(decoding) or self._chunking is not None
+        return True
 
     def _send(self, commands: list[bytes]) -> None:
         self._writer.send(commands)

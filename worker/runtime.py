@@ -121,7 +121,7 @@ class WorkerRuntime:
         """The KV-cache bytes the batches may take (of every model but ``besides``)."""
         with self._engines_lock:
             engines = [e for k, e in self._engines.items() if k != besides]
-        return sum(e.scheduler.footprint(list(e.batch.rows)) for e in engines)
+        return sum(e.kv_reserved for e in engines)
 
     def engine_for(self, loaded: LoadedModel) -> Engine:
         with self._engines_lock:
@@ -291,7 +291,7 @@ class WorkerRuntime:
         )
         job.sequence = Sequence(loaded.model, loaded.tokenizer, prompt_ids, params, eos_ids(loaded.model, loaded.tokenizer))
         engine = self.engine_for(loaded)
-        engine.scheduler.check_fits_alone(job)  # before `started`: a job that can never fit fails now
+        engine.check_fits_alone(job)  # before `started`: a job that can never fit fails now
         started_at = time.time()
         reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
         job.phase = "waiting"

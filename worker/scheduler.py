@@ -1,20 +1,21 @@
-"""Who joins the batch at the next step: one decision, in one place.
+"""Who computes what in the next step: one decision, in one place.
 
-A job waits in FIFO order until three things hold: a slot (at most ``max_batch``
-sequences), room in the KV-cache budget for the whole batch with it, and the
-step's prefill budget. The budget counts what the batch holds at its widest: every
-row padded to the longest sequence the batch may reach (``Sequence.max_length``,
-the prompt plus its max_tokens) plus the cache's spare columns, at the model's
-bytes per token. So a batch never grows past its memory by admitting one job too
-many; a job that waits for room is admitted as others end, and one that could not
-fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
-preempted.
+Each step has a budget of prompt tokens to prefill beside the running rows'
+decode (one token each), as in vLLM's scheduler. The budget goes first to the
+prompts already being prefilled, oldest first, then to newcomers: the waiting
+jobs join in FIFO order while three things hold: a slot (at most ``max_batch``
+sequences), room in the KV-cache budget, and prefill budget left. A newcomer's
+prompt longer than what is left is prefilled in chunks over the next steps
+(chunked prefill), so the running streams keep getting a token every step.
 
-Prefill: newcomers' prompts are prefilled together when their padded size fits
-the step's token budget; a prompt longer than the budget is prefilled in chunks of
-that size, one chunk per step, so the running streams keep getting a token every
-step (chunked prefill). The budget grows, up to fourfold, while no stream decodes
-or while jobs queue up behind the step (``Scheduler.budget``).
+Memory: the batch's cache is reserved for every row at the widest ``prompt +
+max_tokens`` among them (worker/kv_cache.py), and that reservation is what the
+budget counts, so a batch never grows past its memory by admitting one job too
+many: a job waits for room, FIFO, and is admitted as others end; one that could
+not fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
+preempted. Rows are reserved ahead (up to twice the live ones, within
+``max_batch`` and the budget), so a burst of newcomers does not reallocate the
+cache for each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from .batch import SPARE_COLUMNS
+from .batch import Batch, Slot
+from .kv_cache import round_columns
 from .running import RunningJob
 
 
@@ -36,36 +38,17 @@ class ContextTooLarge(Exception):
     code = "CONTEXT_TOO_LARGE"
 
 
-def kv_bytes_per_token(model) -> int:
-    """Keys and values of one token in every layer, from the model's config and dtype."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_attention_heads")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
-
-
 class Scheduler:
-    def __init__(self, max_batch: int, prefill_tokens: int, bytes_per_token: int, kv_budget: Callable[[], int]):
-        """``kv_budget``: the bytes the KV cache may take now (the worker's memory
-        budget less the models it holds)."""
+    def __init__(self, max_batch: int, prefill_tokens: int, kv_budget: Callable[[], int]):
+        """``kv_budget``: the bytes this batch's KV cache may take now (the worker's
+        memory budget less the models it holds and the other models' batches)."""
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        self.bytes_per_token = bytes_per_token
         self._kv_budget = kv_budget
         self.waiting: deque[RunningJob] = deque()
-        #: The prefill budget admit() decided on last (a longer prompt is chunked by it).
-        self.step_budget = prefill_tokens
 
-    def footprint(self, jobs: list[RunningJob]) -> int:
-        """The most KV-cache bytes these jobs can take together, padded as a batch."""
-        if not jobs:
-            return 0
-        return len(jobs) * (max(j.sequence.max_length for j in jobs) + SPARE_COLUMNS) * self.bytes_per_token
-
-    def check_fits_alone(self, job: RunningJob) -> None:
-        need, budget = self.footprint([job]), self._kv_budget()
+    def check_fits_alone(self, job: RunningJob, batch: Batch) -> None:
+        need, budget = batch.cache.reserved_bytes(1, round_columns(job.sequence.max_length)), self._kv_budget()
         if need > budget:
             raise ContextTooLarge(
                 f"the prompt ({len(job.sequence.prompt_ids)} tokens) and max_tokens ({job.sequence.max_tokens}) need "
@@ -73,31 +56,62 @@ class Scheduler:
                 "beside its models (--max-memory): lower max_tokens or shorten the prompt"
             )
 
-    def admit(self, running: list[RunningJob]) -> list[RunningJob]:
-        """The waiting jobs, oldest first, that join in one prefill group now (a
-        prompt longer than the prefill budget comes alone: it is chunked). The
-        oldest waits for room rather than being overtaken."""
-        group: list[RunningJob] = []
-        budget = self.step_budget = self.budget(len(running))
-        while self.waiting and len(running) + len(group) < self.max_batch:
+    def plan(self, batch: Batch) -> tuple[list[RunningJob], dict[Slot, int]]:
+        """The newcomers that join now (added to ``batch``), and the prompt tokens each
+        prefilling slot computes in this step."""
+        budget = self.budget(batch.decoding)
+        chunks: dict[Slot, int] = {}
+        for slot in batch.prefilling:  # oldest first
+            if not budget:
+                break
+            chunks[slot] = n = min(slot.prompt_left, budget)
+            budget -= n
+        joining: list[RunningJob] = []
+        widest = max((s.max_length for s in batch.slots), default=0)
+        while budget and self.waiting and len(batch) < self.max_batch:
             job = self.waiting[0]
-            if self.footprint([*running, *group, job]) > self._kv_budget():
-                break
-            longest = max(len(j.sequence.prompt_ids) for j in (*group, job))
-            if group and longest * (len(group) + 1) > budget:
-                break
-            group.append(self.waiting.popleft())
-            if len(job.sequence.prompt_ids) > budget:
-                break  # alone, in chunks
-        return group
+            columns = round_columns(max(widest, job.sequence.max_length))
+            rows = len(batch) + 1
+            if rows > batch.cache.rows or columns > batch.cache.columns:
+                if not self._reserve(batch, rows, columns):
+                    break  # the oldest waits for room rather than being overtaken
+            widest = columns
+            self.waiting.popleft()
+            slot = batch.add(job, job.sequence.prompt_ids, job.sequence.max_length)
+            chunks[slot] = n = min(len(slot.prompt_ids), budget)
+            budget -= n
+            joining.append(job)
+        return joining, chunks
 
-    def budget(self, running: int) -> int:
-        """Prompt tokens to prefill in this step. With no stream running there is no
-        inter-token latency to protect, and a backlog (a burst of arrivals) is
-        worth larger steps, so that its last newcomer's first token does not wait
-        behind many small ones: each forward pass reads every weight once, which on
-        the CPU is most of a short prefill's cost. A trickle of arrivals joins in
-        small chunks, which the running streams barely notice."""
-        if not running:
+    def _reserve(self, batch: Batch, rows: int, columns: int) -> bool:
+        """Grows the batch's reservation to ``rows`` × ``columns`` or more, if the
+        budget allows; rows ahead for the next newcomers where it allows that too."""
+        budget = self._kv_budget()  # the other batches' reservations are out of it, not this one's
+        columns = max(columns, batch.cache.columns)
+        ahead = min(self.max_batch, max(rows, 2 * len(batch), rows + len(self.waiting) - 1))
+        for candidate in (ahead, rows):
+            if batch.cache.reserved_bytes(candidate, columns) <= budget:
+                batch.reserve(candidate, columns)
+                return True
+        return False
+
+    def shrink(self, batch: Batch) -> None:
+        """After rows left: gives back a reservation that is more than twice what the
+        live rows need (all of it when none is left), for the other models' batches."""
+        if not len(batch):
+            batch.reserve(0, 0)
+            return
+        rows = len(batch)
+        columns = round_columns(max(s.max_length for s in batch.slots))
+        if batch.cache.rows > 2 * rows or batch.cache.columns > 2 * columns:
+            batch.reserve(rows, columns)
+
+    def budget(self, decoding: int) -> int:
+        """Prompt tokens to prefill in this step. With no stream decoding there is no
+        inter-token latency to protect, and a backlog (a burst of arrivals) is worth
+        larger steps, so that its last newcomer's first token does not wait behind
+        many small ones. A trickle of arrivals joins in small chunks, which the
+        running streams barely notice."""
+        if not decoding:
             return MAX_PREFILL_FACTOR * self.prefill_tokens
         return self.prefill_tokens * min(MAX_PREFILL_FACTOR, 1 + len(self.waiting) // BACKLOG_PER_STEP)

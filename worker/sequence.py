@@ -132,17 +132,18 @@ def generate_alone(model, tokenizer, prompt_ids: list[int], params: SamplingPara
     """One sequence on its own, through the engine's batch as a batch of one,
     without Redis: the in-process side of the benchmarks, and what a test compares
     a batched job against."""
-    from .batch import DecodeBatch
+    from .batch import Batch
 
     sequence = Sequence(model, tokenizer, prompt_ids, params, eos_ids(model, tokenizer))
-    batch = DecodeBatch(model)
-    prefilled = batch.prefill([prompt_ids])
-    token_id = sequence.sample(prefilled.logits[0])
-    batch.join([sequence], prefilled, [token_id])
+    batch = Batch(model)
+    batch.reserve(1, sequence.max_length)
+    slot = batch.add(sequence, prompt_ids, sequence.max_length)
+    _, logits = batch.forward({slot: len(prompt_ids)})
     while True:
+        token_id = sequence.sample(logits[0])
         step = sequence.accept(token_id)
         yield step
         if step.stop_reason:
             return
-        token_id = sequence.sample(batch.decode()[0])
-        batch.feed([token_id])
+        batch.feed(slot, token_id)
+        _, logits = batch.forward({})

@@ -1,0 +1,84 @@
+"""The batch's packed forward pass against the model's own: the same logits for every
+sequence whatever else shares its step (prefill chunks beside decodes, rows that
+join, rows that leave and move), on the architectures whose attention differs in
+ways the packed path must honour: grouped KV heads (Llama), absolute positions
+(GPT-2), sliding windows (Qwen2), softcapped logits with alternating windows
+(Gemma 2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from worker.batch import Batch
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+
+VOCAB = 200
+
+
+def _model(arch: str):
+    import transformers as t
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    config = {
+        "llama": lambda: t.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=512),
+        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=512),
+        "qwen2-window": lambda: t.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=512,
+                                              use_sliding_window=True, sliding_window=24, max_window_layers=1,
+                                              layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+        "gemma2": lambda: t.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                         sliding_window=24, attn_logit_softcapping=20.0, final_logit_softcapping=30.0),
+    }[arch]()
+    config._attn_implementation = "eager"
+    reference = t.AutoModelForCausalLM.from_config(config).eval()
+    return reference, copy.deepcopy(reference)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-window", "gemma2"])
+def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
+    reference, model = _model(arch)
+    batch = Batch(model)
+    g = torch.Generator().manual_seed(1)
+    lengths = {"a": 37, "b": 5, "c": 70, "d": 12}
+    # Each sequence's whole text: its prompt, then the tokens it is fed (chosen, not
+    # sampled, so that a near-tie cannot send two runs down different paths).
+    texts = {k: torch.randint(1, VOCAB, (n + 40,), generator=g).tolist() for k, n in lengths.items()}
+    with torch.inference_mode():
+        expected = {k: reference(input_ids=torch.tensor([t])).logits[0] for k, t in texts.items()}
+    batch.reserve(4, 128)
+    slots, fed = {}, {}
+
+    def join(name):
+        slots[name] = batch.add(name, texts[name][: lengths[name]], lengths[name] + 40)
+        fed[name] = 0
+
+    def step(chunks: dict[str, int]):
+        ready, logits = batch.forward({slots[k]: n for k, n in chunks.items()})
+        for slot, row in zip(ready, logits):
+            name = slot.owner
+            position = lengths[name] - 1 + fed[name]
+            torch.testing.assert_close(row, expected[name][position], atol=2e-4, rtol=1e-4, msg=f"{name} at {position}")
+            fed[name] += 1
+            batch.feed(slot, texts[name][position + 1])
+        return [slot.owner for slot in ready]
+
+    join("a")
+    assert step({"a": 16}) == []  # a chunk that does not end the prompt gives no logits
+    join("b")
+    assert step({"a": 21, "b": 5}) == ["a", "b"]
+    join("c")
+    assert step({"c": 30}) == ["a", "b"]  # decodes beside a chunk
+    assert step({"c": 40}) == ["a", "b", "c"]
+    for _ in range(8):
+        step({})
+    batch.remove(slots["a"])  # the last row (c) moves into a's
+    assert slots["c"].row == 0
+    join("d")
+    assert sorted(step({"d": 12})) == ["b", "c", "d"]
+    for _ in range(20):  # past the sliding windows
+        step({})
+    assert fed == {"a": 11, "b": 32, "c": 30, "d": 21}

@@ -1,0 +1,104 @@
+"""The KV cache of one model's batch: per layer, one keys and one values buffer of
+shape [rows, kv heads, columns, head dim], one row per sequence.
+
+Rows are right-padded and compact: row ``r`` holds its sequence's tokens from
+column 0, and the live rows are always ``0 .. len - 1`` (a row that leaves is
+filled by the last one), so a decode step attends over one contiguous slice of
+the buffers whatever the mix of lengths. A newcomer's prompt is written into its
+own row chunk by chunk as it is prefilled: nothing is concatenated, padded or
+copied when sequences join or leave, unlike a left-padded cache (the technique
+of TGI's ``CausalLMBatch``, which Hive used before: docs/benchmarks.md measures
+the two).
+
+The buffers are allocated once to the batch's reservation (its rows, each as
+wide as the longest ``prompt + max_tokens`` among them), so a decode step never
+grows them and the scheduler's memory budget counts exactly what is allocated.
+They are reallocated (one copy of what is used) only when a job needs more rows
+or columns than reserved, or when the batch has shrunk to under half of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Columns are reserved in multiples of this, so jobs of similar lengths share one
+#: reservation instead of reallocating the buffers for a few more columns.
+COLUMN_STEP = 64
+
+
+def round_columns(tokens: int) -> int:
+    return -(-tokens // COLUMN_STEP) * COLUMN_STEP
+
+
+def kv_bytes_per_token(model) -> int:
+    """Keys and values of one token in every layer, from the model's config and dtype."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+class KVCache:
+    def __init__(self, bytes_per_token: int):
+        self.bytes_per_token = bytes_per_token
+        #: Per layer (by the attention module's ``layer_idx``): keys and values
+        #: buffers, allocated at the layer's first write, or None.
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.rows = 0  # reserved
+        self.columns = 0  # reserved
+
+    def reserved_bytes(self, rows: int | None = None, columns: int | None = None) -> int:
+        """Bytes of a reservation of ``rows`` × ``columns`` (by default the current one)."""
+        rows = self.rows if rows is None else rows
+        columns = self.columns if columns is None else columns
+        return rows * columns * self.bytes_per_token
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+    @torch.inference_mode()
+    def reserve(self, rows: int, columns: int, used_rows: int, used_columns: int) -> None:
+        """Makes the reservation ``rows`` × ``columns`` (rounded up to COLUMN_STEP),
+        keeping the first ``used_rows`` rows' first ``used_columns`` columns; the
+        caller checked it against the memory budget."""
+        columns = round_columns(columns)
+        if (rows, columns) == (self.rows, self.columns):
+            return
+        assert rows >= used_rows and columns >= used_columns
+        self.rows, self.columns = rows, columns
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                if old is None:
+                    continue
+                if not rows:
+                    buffers[i] = None
+                    continue
+                new = old.new_zeros((rows, old.shape[1], columns, old.shape[3]))
+                new[:used_rows, :, :used_columns] = old[:used_rows, :, :used_columns]
+                buffers[i] = new
+
+    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values buffers, allocated on first use after
+        ``like`` (the layer's new keys: [1, kv heads, tokens, head dim])."""
+        while len(self.keys) <= index:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[index] is None:
+            shape = (self.rows, like.shape[1], self.columns, like.shape[3])
+            # Zeros, not garbage: a masked column still meets a zero probability in
+            # attention's sums, and 0 × NaN would be NaN.
+            self.keys[index] = like.new_zeros(shape)
+            self.values[index] = like.new_zeros(shape)
+        return self.keys[index], self.values[index]
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int, columns: int) -> None:
+        """Row ``source``'s first ``columns`` into row ``target`` (compaction)."""
+        for buffers in (self.keys, self.values):
+            for t in buffers:
+                if t is not None:
+                    t[target, :, :columns] = t[source, :, :columns]
