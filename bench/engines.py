@@ -1,5 +1,5 @@
-"""Which batching engine: Hive's own (worker/engine.py: a left-padded KV cache over
-transformers' model classes) against transformers' ``ContinuousBatchingManager``
+"""Which batching engine: Hive's own (worker/engine.py: one packed forward pass per
+step over transformers' model classes, worker/batch.py) against transformers' ``ContinuousBatchingManager``
 (paged attention over ``attn_implementation="sdpa"``), in one process, on the
 same 135M-shaped weights, with N requests of the batching benchmark's two cases.
 No Redis and no HTTP: the engines alone.
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
 
 `python -m bench.engines --n {args.n} --runs {args.runs}`, {time.strftime('%Y-%m-%d')}, this machine, in one process,
 the batching benchmark's 135M-shaped weights and requests (greedy, fp32, CPU): Hive's engine
-(`worker/engine.py`) against transformers' `ContinuousBatchingManager` (`init_continuous_batching`,
+(`worker/engine.py`, packed steps) against transformers' `ContinuousBatchingManager` (`init_continuous_batching`,
 paged attention over `attn_implementation="sdpa"`, streaming requests), medians of {args.runs} runs with min–max.
 
 {table}

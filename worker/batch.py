@@ -32,6 +32,8 @@ class Slot:
     length: int = 0
     #: The token the next step feeds (the last one sampled); None while prefilling.
     next_id: int | None = None
+    #: Steps in a row that gave this prefilling slot no chunk (the scheduler's).
+    passed_over: int = 0
 
     @property
     def prompt_left(self) -> int:

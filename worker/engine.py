@@ -36,13 +36,20 @@ log = logging.getLogger(__name__)
 #: Redis could not be reached, even after the client's own retries.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
-#: Prompt tokens one step prefills beside the decode: a step with a prefill chunk
-#: delays the running streams' next token by about that chunk's compute
-#: (bench/batching.py measures the inter-token p99). A GPU computes many more
-#: tokens in the same time.
-PREFILL_TOKENS = {"cpu": 128, "cuda": 512}
+#: Prompt tokens one step prefills beside the decode, before the scheduler scales it
+#: (``Scheduler.budget``): a chunk delays the running streams' next token by about
+#: its compute, ~2 ms a token for the 135M-shaped model on this project's CPU, and
+#: 64 kept the inter-token p99 under 3× its p50 where 128 did not (bench/batching.py,
+#: Poisson arrivals). A GPU computes many more tokens in the same time.
+PREFILL_TOKENS = {"cpu": 64, "cuda": 512}
 #: How long the engine waits before looking again when jobs wait and none can run.
 IDLE_WAIT_S = 0.05
+#: How long an idle engine lets a burst gather before its first prefill (``_gather``),
+#: so that a burst is prefilled in one step rather than its first job alone and the
+#: rest a whole step later (bench/batching.py: the first token at N = 4); the
+#: first token of a job that comes alone waits GATHER_MIN_S more.
+GATHER_MIN_S = 0.02
+GATHER_S = 0.05
 
 
 class BatchMetrics:
@@ -63,8 +70,12 @@ class Engine:
         kv_budget: Callable[[], int],
         metrics: BatchMetrics,
         token_delay_s: float = 0.0,
+        arriving: Callable[[], int] = lambda: 0,
     ):
+        """``arriving``: how many jobs for this model the worker has taken and not yet
+        submitted."""
         self.name = name
+        self._arriving = arriving
         self.batch = Batch(model)
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget)
         self._writer = StepWriter(writer_connection)
@@ -117,6 +128,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopped:
                     break
+            self._gather()
             try:
                 worked = self._step()
             except REDIS_DOWN as e:
@@ -134,6 +146,24 @@ class Engine:
                     self._wake.wait(IDLE_WAIT_S)
         self._writer.close()
         self._fail_all(RuntimeError("the model was unloaded"))
+
+    def _gather(self) -> None:
+        """With no row decoding, the first step's prefill waits for a burst to gather:
+        at least GATHER_MIN_S after the oldest waiting job arrived (the jobs of a
+        burst reach the engine over a few milliseconds, through RQ's slots), and up
+        to GATHER_S while jobs this worker has taken are still on their way (each
+        wakes the engine as it is submitted)."""
+        if self.batch.decoding:
+            return
+        with self._wake:
+            if not self.scheduler.waiting:
+                return
+            oldest = self.scheduler.waiting[0].submitted_at
+            while not self._stopped:
+                now = time.perf_counter()
+                if now >= oldest + GATHER_S or (now >= oldest + GATHER_MIN_S and not self._arriving()):
+                    return
+                self._wake.wait((oldest + (GATHER_MIN_S if now < oldest + GATHER_MIN_S else GATHER_S)) - now)
 
     def _fail_all(self, error: BaseException) -> None:
         """Ends every job of the batch with ``error``; waiting jobs keep waiting

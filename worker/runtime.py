@@ -136,6 +136,7 @@ class WorkerRuntime:
                     lambda: self.models.budget_bytes - self.models.used_bytes - self._kv_bytes(besides=loaded.key),
                     self.metrics,
                     self.settings.token_delay_ms / 1000,
+                    lambda: sum(j.model == loaded.repo_id and j.phase == "taken" for j in self.running.active()),
                 )
                 self._engines[loaded.key] = engine
             return engine

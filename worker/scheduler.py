@@ -1,10 +1,9 @@
 """Who computes what in the next step: one decision, in one place.
 
 Each step has a budget of prompt tokens to prefill beside the running rows'
-decode (one token each), as in vLLM's scheduler. The budget goes first to the
-prompts already being prefilled, oldest first, then to newcomers: the waiting
-jobs join in FIFO order while three things hold: a slot (at most ``max_batch``
-sequences), room in the KV-cache budget, and prefill budget left. A newcomer's
+decode (one token each), as in vLLM's scheduler. The waiting jobs join in FIFO
+order while two things hold: a slot (at most ``max_batch`` sequences) and room in
+the KV-cache budget. The budget goes to the prefilling prompts, shortest left first; a
 prompt longer than what is left is prefilled in chunks over the next steps
 (chunked prefill), so the running streams keep getting a token every step.
 
@@ -28,10 +27,10 @@ from .kv_cache import round_columns
 from .running import RunningJob
 
 
-#: How much larger than the base budget a step's prefill may be: with no stream
-#: decoding, or with a backlog of BACKLOG_PER_STEP waiting jobs per step of it.
+#: How much larger than the base budget a step's prefill may be (``Scheduler.budget``).
 MAX_PREFILL_FACTOR = 4
-BACKLOG_PER_STEP = 4
+#: Steps a prefilling prompt can be passed over for shorter ones before it goes first.
+STARVED_STEPS = 4
 
 
 class ContextTooLarge(Exception):
@@ -59,16 +58,9 @@ class Scheduler:
     def plan(self, batch: Batch) -> tuple[list[RunningJob], dict[Slot, int]]:
         """The newcomers that join now (added to ``batch``), and the prompt tokens each
         prefilling slot computes in this step."""
-        budget = self.budget(batch.decoding)
-        chunks: dict[Slot, int] = {}
-        for slot in batch.prefilling:  # oldest first
-            if not budget:
-                break
-            chunks[slot] = n = min(slot.prompt_left, budget)
-            budget -= n
         joining: list[RunningJob] = []
         widest = max((s.max_length for s in batch.slots), default=0)
-        while budget and self.waiting and len(batch) < self.max_batch:
+        while self.waiting and len(batch) < self.max_batch:
             job = self.waiting[0]
             columns = round_columns(max(widest, job.sequence.max_length))
             rows = len(batch) + 1
@@ -77,10 +69,21 @@ class Scheduler:
                     break  # the oldest waits for room rather than being overtaken
             widest = columns
             self.waiting.popleft()
-            slot = batch.add(job, job.sequence.prompt_ids, job.sequence.max_length)
-            chunks[slot] = n = min(len(slot.prompt_ids), budget)
-            budget -= n
+            batch.add(job, job.sequence.prompt_ids, job.sequence.max_length)
             joining.append(job)
+        # Shortest prompt left first: in a burst, the median first token comes after
+        # the short prompts rather than after everything before them in the queue
+        # (shortest remaining processing time minimises the mean wait). A prompt
+        # passed over STARVED_STEPS times goes first, so a long one always finishes.
+        chunks: dict[Slot, int] = {}
+        budget = self.budget(batch.decoding, len(batch.prefilling))
+        for slot in sorted(batch.prefilling, key=lambda s: (s.passed_over < STARVED_STEPS, s.prompt_left, s.joined)):
+            if not budget:
+                slot.passed_over += 1
+                continue
+            chunks[slot] = n = min(slot.prompt_left, budget)
+            budget -= n
+            slot.passed_over = 0
         return joining, chunks
 
     def _reserve(self, batch: Batch, rows: int, columns: int) -> bool:
@@ -106,12 +109,16 @@ class Scheduler:
         if batch.cache.rows > 2 * rows or batch.cache.columns > 2 * columns:
             batch.reserve(rows, columns)
 
-    def budget(self, decoding: int) -> int:
-        """Prompt tokens to prefill in this step. With no stream decoding there is no
-        inter-token latency to protect, and a backlog (a burst of arrivals) is worth
-        larger steps, so that its last newcomer's first token does not wait behind
-        many small ones. A trickle of arrivals joins in small chunks, which the
-        running streams barely notice."""
+    def budget(self, decoding: int, prefilling: int) -> int:
+        """Prompt tokens to prefill in this step, beside ``decoding`` streams, with
+        ``prefilling`` jobs admitted and not yet at their first token. Each prefilled
+        token delays the streams' next one; each step that prefills too little
+        delays the first token of everyone waiting. So the budget grows with the
+        jobs waiting for a first token per stream decoding, up to MAX_PREFILL_FACTOR
+        times: a trickle of arrivals joins a busy batch in small chunks, which its
+        streams barely notice (the inter-token p99 in bench/batching.py), and a
+        burst is prefilled in few large steps, as with nothing decoding."""
+        waiting = len(self.waiting) + prefilling
         if not decoding:
             return MAX_PREFILL_FACTOR * self.prefill_tokens
-        return self.prefill_tokens * min(MAX_PREFILL_FACTOR, 1 + len(self.waiting) // BACKLOG_PER_STEP)
+        return self.prefill_tokens * min(MAX_PREFILL_FACTOR, 1 + waiting // decoding)
