@@ -87,6 +87,10 @@ class Batch:
             last.row = slot.row
             self.slots[slot.row] = last
 
+    def clear(self) -> None:
+        """Every slot leaves (the batch failed, or its model is unloaded)."""
+        self.slots.clear()
+
     def feed(self, slot: Slot, token_id: int) -> None:
         """The token sampled from ``slot``'s logits: the next step feeds it."""
         slot.next_id = token_id

@@ -169,8 +169,7 @@ class Engine:
         """Ends every job of the batch with ``error``; waiting jobs keep waiting
         (they have written nothing yet), unless the engine stops."""
         jobs = self.batch.owners
-        for slot in list(self.batch.slots):
-            self.batch.remove(slot)
+        self.batch.clear()
         self.scheduler.shrink(self.batch)
         self._writer.close()
         if self._stopped:
