@@ -43,13 +43,13 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     reference, model = _model(arch)
     batch = Batch(model)
     g = torch.Generator().manual_seed(1)
-    lengths = {"a": 37, "b": 5, "c": 70, "d": 12}
+    lengths = {"a": 37, "b": 5, "c": 70, "d": 12, "e": 9, "f": 9}
     # Each sequence's whole text: its prompt, then the tokens it is fed (chosen, not
     # sampled, so that a near-tie cannot send two runs down different paths).
     texts = {k: torch.randint(1, VOCAB, (n + 40,), generator=g).tolist() for k, n in lengths.items()}
     with torch.inference_mode():
         expected = {k: reference(input_ids=torch.tensor([t])).logits[0] for k, t in texts.items()}
-    batch.reserve(4, 128)
+    batch.reserve(5, 128)
     slots, fed = {}, {}
 
     def join(name):
@@ -64,21 +64,23 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
             torch.testing.assert_close(row, expected[name][position], atol=2e-4, rtol=1e-4, msg=f"{name} at {position}")
             fed[name] += 1
             batch.feed(slot, texts[name][position + 1])
-        return [slot.owner for slot in ready]
+        return sorted(slot.owner for slot in ready)
 
     join("a")
     assert step({"a": 16}) == []  # a chunk that does not end the prompt gives no logits
     join("b")
     assert step({"a": 21, "b": 5}) == ["a", "b"]
     join("c")
-    assert step({"c": 30}) == ["a", "b"]  # decodes beside a chunk
-    assert step({"c": 40}) == ["a", "b", "c"]
+    join("d")
+    assert step({"c": 30, "d": 6}) == ["a", "b"]  # decodes beside two starting prompts
+    assert step({"c": 40, "d": 6}) == ["a", "b", "c", "d"]  # beside later chunks
     for _ in range(8):
         step({})
-    batch.remove(slots["a"])  # the last row (c) moves into a's
-    assert slots["c"].row == 0
-    join("d")
-    assert sorted(step({"d": 12})) == ["b", "c", "d"]
+    batch.remove(slots["a"])  # the last row (d) moves into a's
+    assert slots["d"].row == 0
+    join("e")
+    join("f")
+    assert step({"e": 9, "f": 9}) == ["b", "c", "d", "e", "f"]  # equal starting prompts: one write
     for _ in range(20):  # past the sliding windows
         step({})
-    assert fed == {"a": 11, "b": 32, "c": 30, "d": 21}
+    assert fed == {"a": 11, "b": 32, "c": 30, "d": 30, "e": 21, "f": 21}

@@ -107,7 +107,8 @@ class Batch:
         keep = list(range(len(decoding)))
         ready = list(decoding)
         segments = []
-        for slot, n in chunks.items():
+        # Prompts that start now first: packed_attention attends them together.
+        for slot, n in sorted(chunks.items(), key=lambda item: item[0].length > 0):
             segments.append(Segment(slot.row, slot.length, n, len(ids)))
             ids.extend(slot.prompt_ids[slot.length : slot.length + n])
             positions.extend(range(slot.length, slot.length + n))

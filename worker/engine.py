@@ -48,7 +48,7 @@ IDLE_WAIT_S = 0.05
 #: so that a burst is prefilled in one step rather than its first job alone and the
 #: rest a whole step later (bench/batching.py: the first token at N = 4); the
 #: first token of a job that comes alone waits GATHER_MIN_S more.
-GATHER_MIN_S = 0.02
+GATHER_MIN_S = 0.01
 GATHER_S = 0.05
 
 

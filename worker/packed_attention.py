@@ -14,7 +14,11 @@ batching use), writes each token's keys and values into its row of the batch's
 
 - the decoding rows as one batch, one query each, over the cache's live rows
   (right-padded; a mask hides each row's unused columns);
-- each prompt chunk over its own row (causal, after the tokens already in it).
+- the prompts that start in this step, together: one causal attention over their
+  packed tokens with a block-diagonal mask (a burst of newcomers costs one call a
+  layer, not one per prompt);
+- each later chunk of a long prompt over its own row (causal, after the tokens
+  already in it).
 
 A step's layout (which rows decode, which chunks prefill, the masks) is built once
 per step and reaches every layer as the ``hive_layout`` keyword, which
@@ -59,7 +63,15 @@ class StepLayout:
         self.cache = cache
         self.rows = rows
         self.decoding = len(decode_rows)
-        self.segments = segments
+        # Prompts that start now come first among the segments (Batch.forward packs
+        # them so): attended together when there are several.
+        fresh = 0
+        while fresh < len(segments) and segments[fresh].start == 0:
+            fresh += 1
+        self.fresh = segments[:fresh] if fresh > 1 else []
+        self.segments = segments[len(self.fresh):]
+        self._fresh_rows = torch.tensor([s.row for s in self.fresh], dtype=torch.long, device=device)
+        self._fresh_same_length = len({s.length for s in self.fresh}) == 1
         self._all_decode = decode_rows == list(range(rows))
         self._decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         self._decode_positions = torch.tensor(decode_positions, dtype=torch.long, device=device)
@@ -71,9 +83,10 @@ class StepLayout:
         self._device = device
         self._masks: dict[int | None, tuple] = {}
 
-    def masks(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """The decode batch's mask [rows, 1, 1, width] and each segment's [1, 1, length,
-        start + length] (True: attend); None where sdpa's own causal or no mask is the same.
+    def masks(self, window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+        """The decode batch's mask [rows, 1, 1, width], the starting prompts' block-diagonal
+        one [1, 1, tokens, tokens] and each later chunk's [1, 1, length, start + length]
+        (True: attend); None where sdpa's own causal or no mask is the same.
         ``window``: a sliding-window layer's span (Mistral, Qwen2's window layers)."""
         if window not in self._masks:
             decode = None
@@ -84,6 +97,14 @@ class StepLayout:
                 if window is not None:
                     allowed &= columns[None, :] > positions - window
                 decode = allowed[:, None, None, :]
+            fresh = None
+            if self.fresh:
+                owner = torch.cat([torch.full((s.length,), k, device=self._device) for k, s in enumerate(self.fresh)])
+                position = torch.cat([torch.arange(s.length, device=self._device) for s in self.fresh])
+                allowed = (owner[:, None] == owner[None, :]) & (position[None, :] <= position[:, None])
+                if window is not None:
+                    allowed &= position[None, :] > position[:, None] - window
+                fresh = allowed[None, None]
             segments = []
             for segment in self.segments:
                 if segment.start == 0 and window is None:
@@ -95,7 +116,7 @@ class StepLayout:
                 if window is not None:
                     allowed &= keys > queries - window
                 segments.append(allowed[None, None])
-            self._masks[window] = (decode, segments)
+            self._masks[window] = (decode, fresh, segments)
         return self._masks[window]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
@@ -103,7 +124,7 @@ class StepLayout:
         """query [1, heads, tokens, dim], key and value [1, kv heads, tokens, dim] of the
         packed tokens; returns attention's output [1, tokens, heads, dim]."""
         keys, values = self.cache.layer(layer, key)
-        decode_mask, segment_masks = self.masks(options.get("sliding_window"))
+        decode_mask, fresh_mask, segment_masks = self.masks(options.get("sliding_window"))
         outputs = []
         n = self.decoding
         if n:
@@ -118,6 +139,21 @@ class StepLayout:
             if not self._all_decode:
                 out = out.index_select(0, self._decode_rows)
             outputs.append(out.squeeze(2))  # [n, heads, dim]
+        if self.fresh:
+            start, end = self.fresh[0].offset, self.fresh[-1].offset + self.fresh[-1].length
+            new_keys, new_values = key[:, :, start:end], value[:, :, start:end]
+            if self._fresh_same_length:  # a burst of equal prompts: one write for all
+                n, length = len(self.fresh), self.fresh[0].length
+                keys[self._fresh_rows, :, :length] = new_keys[0].unflatten(1, (n, length)).transpose(0, 1)
+                values[self._fresh_rows, :, :length] = new_values[0].unflatten(1, (n, length)).transpose(0, 1)
+            else:
+                for segment in self.fresh:
+                    chunk = slice(segment.offset - start, segment.offset - start + segment.length)
+                    keys[segment.row, :, : segment.length] = new_keys[0, :, chunk]
+                    values[segment.row, :, : segment.length] = new_values[0, :, chunk]
+            # The prompts' own keys are all they attend to: no need to read them back.
+            out = _attention(query[:, :, start:end], new_keys, new_values, fresh_mask, False, scaling, options)
+            outputs.append(out[0].transpose(0, 1))  # [tokens, heads, dim]
         for segment, mask in zip(self.segments, segment_masks):
             row, start, end = segment.row, segment.start, segment.start + segment.length
             chunk = slice(segment.offset, segment.offset + segment.length)
