@@ -5,10 +5,10 @@ Rows are right-padded and compact: row ``r`` holds its sequence's tokens from
 column 0, and the live rows are always ``0 .. len - 1`` (a row that leaves is
 filled by the last one), so a decode step attends over one contiguous slice of
 the buffers whatever the mix of lengths. A newcomer's prompt is written into its
-own row chunk by chunk as it is prefilled: nothing is concatenated, padded or
-copied when sequences join or leave, unlike a left-padded cache (the technique
-of TGI's ``CausalLMBatch``, which Hive used before: docs/benchmarks.md measures
-the two).
+own row chunk by chunk as it is prefilled: nothing is concatenated or padded
+when a sequence joins, and one that leaves costs one row's copy, unlike a
+left-padded cache (the technique of TGI's ``CausalLMBatch``, which Hive used
+before: docs/benchmarks.md measures the two).
 
 The buffers are allocated once to the batch's reservation (its rows, each as
 wide as the longest ``prompt + max_tokens`` among them), so a decode step never
