@@ -7,11 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
-from shared.connections import async_client, sync_client
+from shared.connections import async_client, sync_client, wait_for_redis
 from shared.settings import Settings
 
 from .admin_api import routes as admin_routes
@@ -69,7 +70,8 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         connection = async_client(settings.redis_url, decode_responses=True)
         sync_connection = sync_client(settings.redis_url)
         relay = EventRelay(async_client(settings.redis_url, decode_responses=True))
-        await relay.start()
+        # Started before Redis answers, the hive serves anyway (/health: 503) and says what it waits for.
+        await relay.start(lambda: anyio.to_thread.run_sync(wait_for_redis, sync_connection, settings.redis_url, "hive", log))
         metrics = app_metrics(app)
         jobs = JobService(settings, connection, sync_connection, on_end=metrics.job_ended)
         reaper = Reaper(connection, jobs)

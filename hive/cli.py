@@ -47,6 +47,18 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _check_redis(url: str) -> None:
+    """A Redis URL that can never work ends the command with one line; an
+    unreachable Redis does not (serve and worker wait for it)."""
+    from shared.connections import RedisUnusable, preflight
+
+    try:
+        preflight(url)
+    except RedisUnusable as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -87,6 +99,7 @@ def serve(
     from .auth import read_keys
 
     _logging(log_level)
+    _check_redis(redis_url)
     try:
         keys_ = read_keys(api_keys) if api_keys else ()
         admins = read_keys(admin_keys) if admin_keys else ()
@@ -163,6 +176,7 @@ def worker(
     memory_bytes = _memory_size(max_memory)
     keep_alive_s = _duration(keep_alive)
     _logging(log_level)
+    _check_redis(redis_url)
     from worker.main import run_worker
 
     run_worker(

@@ -14,6 +14,7 @@ import logging
 import time
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from starlette.concurrency import run_in_threadpool
 
 from shared import keys
@@ -58,11 +59,20 @@ class Reaper:
                 log.warning("job %s: its worker stopped renewing its lease; %s", job_id, outcome)
 
     async def _run_forever(self) -> None:
+        redis_away = False
         while True:
             try:
                 await self.reap_once()
+                if redis_away:
+                    log.warning("reaper: Redis answers again")
+                    redis_away = False
             except asyncio.CancelledError:
                 raise
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                # Redis is away (not started yet, restarting): said once, not a traceback a second.
+                if not redis_away:
+                    log.warning("reaper: Redis unavailable (%s); looking again every %.0f s", e, PERIOD_S)
+                    redis_away = True
             except Exception:  # reaper loop boundary: log and look again next period
                 log.exception("looking for lost workers failed")
             await asyncio.sleep(PERIOD_S)

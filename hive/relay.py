@@ -108,10 +108,17 @@ class EventRelay:
         #: Set by sse-starlette (``shutdown_event``) when uvicorn begins to shut down.
         self.stopping: anyio.Event | None = None
 
-    async def start(self) -> None:
-        # A channel of our own keeps the connection subscribed while no job is followed.
-        await self.pubsub.subscribe(keys.relay_channel())
-        self._reader = asyncio.create_task(self._read_forever(), name="hive-relay")
+    async def start(self, redis_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``redis_ready``: awaited before the first subscription, so that a hive
+        started before Redis serves (its /health answers 503) and relays once Redis answers."""
+        try:
+            # A channel of our own keeps the connection subscribed while no job is followed;
+            # subscribed before the reader starts, so followers' joins never race it.
+            await self.pubsub.subscribe(keys.relay_channel())
+            subscribed = True
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            subscribed = False  # no Redis yet: the reader waits for it, then subscribes
+        self._reader = asyncio.create_task(self._read_forever(subscribed, redis_ready), name="hive-relay")
         self.stopping = anyio.Event()
         self._spawn(self._end_streams_on_shutdown())
         self._spawn(self._catch_up_quiet_followers())
@@ -157,9 +164,18 @@ class EventRelay:
     def followers(self) -> int:
         return sum(len(c.followers) for c in self._channels.values())
 
-    async def _read_forever(self) -> None:
+    async def _read_forever(self, subscribed: bool, redis_ready: Callable[[], Awaitable[None]] | None) -> None:
+        if not subscribed and redis_ready is not None:
+            try:
+                await redis_ready()
+            except Exception as e:  # a setting (a refused password): /health reports it; nothing to relay
+                log.error("relay: cannot use Redis: %s", e)
+                return
         while True:
             try:
+                if not subscribed:
+                    await self.pubsub.subscribe(keys.relay_channel())
+                    subscribed = True
                 async for message in self.pubsub.listen():
                     self._dispatch(message)
             except asyncio.CancelledError:

@@ -9,7 +9,7 @@ import logging
 
 import redis
 
-from shared.connections import sync_client
+from shared.connections import sync_client, wait_for_redis
 from shared.settings import Settings
 
 log = logging.getLogger("hive.worker")
@@ -28,6 +28,12 @@ def run_worker(settings: Settings) -> None:
     from .runtime import WorkerRuntime
     from .slots import Slots
 
+    # Started before Redis answers, the worker waits for it (and says so) rather than exits.
+    probe = sync_client(settings.redis_url)
+    try:
+        wait_for_redis(probe, settings.redis_url, "worker", log)
+    finally:
+        probe.close()
     runtime = WorkerRuntime(settings, connection_for)  # imports torch now, not on the first job
     connection = runtime.redis
     tasks.install_runtime(runtime)
