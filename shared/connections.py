@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
+
+from .settings import redact_url
 
 RETRIES = 3
 _RETRY_ON = [ConnectionError, TimeoutError]
@@ -59,24 +60,15 @@ class RedisUnusable(Exception):
     waiting would not help, so the process stops with this one line."""
 
 
-def redacted(url: str) -> str:
-    """The URL with its password hidden, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _answers(client: redis.Redis, url: str) -> bool:
     """One PING: True if Redis answers, False if it cannot be reached (yet)."""
     try:
         client.ping()
         return True
     except redis.AuthenticationError as e:  # a ConnectionError too: test it first
-        raise RedisUnusable(f"Redis at {redacted(url)} refused the credentials: {e}") from e
+        raise RedisUnusable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
     except redis.ResponseError as e:  # NOAUTH and the like: a setting, not a moment
-        raise RedisUnusable(f"Redis at {redacted(url)} refused the connection: {e}") from e
+        raise RedisUnusable(f"Redis at {redact_url(url)} refused the connection: {e}") from e
     except (ConnectionError, TimeoutError):
         return False
 
@@ -87,7 +79,7 @@ def preflight(url: str) -> None:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     except ValueError as e:  # redis-py's own URL parser: an unknown scheme, a bad port or db
-        raise RedisUnusable(f"bad Redis URL {redacted(url)}: {e}") from e
+        raise RedisUnusable(f"bad Redis URL {redact_url(url)}: {e}") from e
     try:
         _answers(client, url)
     finally:
@@ -102,8 +94,8 @@ def wait_for_redis(client: redis.Redis, url: str, who: str, log: logging.Logger)
     while not _answers(client, url):
         now = time.monotonic()
         if said_at is None or now - said_at >= WAIT_LOG_S:
-            log.warning("%s: waiting for Redis at %s to answer", who, redacted(url))
+            log.warning("%s: waiting for Redis at %s to answer", who, redact_url(url))
             said_at = now
         time.sleep(WAIT_POLL_S)
     if said_at is not None:
-        log.warning("%s: Redis at %s answers", who, redacted(url))
+        log.warning("%s: Redis at %s answers", who, redact_url(url))
