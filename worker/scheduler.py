@@ -76,8 +76,9 @@ class Scheduler:
         # (shortest remaining processing time minimises the mean wait). A prompt
         # passed over STARVED_STEPS times goes first, so a long one always finishes.
         chunks: dict[Slot, int] = {}
-        budget = self.budget(batch.decoding, len(batch.prefilling))
-        for slot in sorted(batch.prefilling, key=lambda s: (s.passed_over < STARVED_STEPS, s.prompt_left, s.joined)):
+        prefilling = batch.prefilling
+        budget = self.budget(batch.decoding, len(prefilling))
+        for slot in sorted(prefilling, key=lambda s: (s.passed_over < STARVED_STEPS, s.prompt_left, s.joined)):
             if not budget:
                 slot.passed_over += 1
                 continue
