@@ -87,6 +87,14 @@ def serve(
     hub_upstream: Annotated[str, typer.Option(envvar="HIVE_HUB_UPSTREAM", help="The hub /hub pulls from on a miss.")] = "https://huggingface.co",
     hub_cache: Annotated[str, typer.Option(envvar="HIVE_HUB_CACHE", help="Hugging Face cache folder /hub serves and fills (default: HF_HUB_CACHE).", show_default=False)] = "",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
+    redis_min_replicas: Annotated[
+        Optional[int],
+        typer.Option(
+            envvar="HIVE_REDIS_MIN_REPLICAS", min=0,
+            help="Answer a submit 202 only once this many Redis replicas have it, else 503 (default: 1 with a redis+sentinel:// URL, else 0).",
+            show_default=False,
+        ),
+    ] = None,
     processes: Annotated[int, typer.Option(envvar="HIVE_PROCESSES", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
@@ -111,8 +119,13 @@ def serve(
         )
     if hub and not hub_upstream.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{hub_upstream!r} is not an http(s) URL", param_hint="--hub-upstream")
+    if redis_min_replicas is None:
+        from shared.redis_url import is_sentinel
+
+        redis_min_replicas = 1 if is_sentinel(redis_url) else 0
     settings = Settings(
         redis_url=redis_url,
+        redis_min_replicas=redis_min_replicas,
         host=host,
         port=port,
         queue=queue,

@@ -94,6 +94,9 @@ class StreamView:
             self.err.print(f"[yellow]retrying (attempt {data['attempt']}): {data['reason']}[/]")
         elif event == "started":
             self.err.print(f"[dim]generating on {data['worker']}[/]")
+        elif event == "gap":
+            lost = data["last"] - data["first"] + 1
+            self.err.print(f"[yellow]\n[{lost} events lost in a Redis failover; the job goes on][/]")
         elif event == "token":
             self.out.write(data["t"])
             self.out.flush()

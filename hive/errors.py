@@ -12,6 +12,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from shared.connections import WritesRefused
+
+from .submit import NotReplicated
+
 log = logging.getLogger("hive.errors")
 
 
@@ -47,6 +51,18 @@ async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "REDIS_UNAVAILABLE", "the queue backend (Redis) is unavailable; retry shortly", headers={"Retry-After": "2"})
 
 
+async def writes_refused(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis refuses writes during %s %s: %s", request.method, request.url.path, exc)
+    message = f"Redis refuses writes for now, for want of replicas ({exc}); nothing was accepted, retry shortly"
+    return error_response(503, "REDIS_UNAVAILABLE", message, headers={"Retry-After": "2"})
+
+
+async def not_replicated(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NotReplicated)
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "REDIS_UNAVAILABLE", f"{exc}; nothing was accepted, retry shortly", headers={"Retry-After": str(exc.retry_after_s)})
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette re-raises after answering, and uvicorn logs the traceback.
     return error_response(500, "INTERNAL", "internal error; see the hive's log")
@@ -57,5 +73,7 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     redis.exceptions.ConnectionError: redis_down,
     redis.exceptions.TimeoutError: redis_down,
+    NotReplicated: not_replicated,
+    WritesRefused: writes_refused,
     Exception: internal_error,
 }

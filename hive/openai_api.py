@@ -84,6 +84,7 @@ JOB_ERROR_STATUS = {
     "MODEL_NOT_FOUND": 404,
     "CANCELLED": 409,
     "DOWNLOAD_FAILED": 502,
+    "EVENTS_LOST": 503,
     "REDIS_UNAVAILABLE": 503,
     "SHUTTING_DOWN": 503,
     "WORKER_LOST": 503,
@@ -296,6 +297,12 @@ async def stream_chunks(hive: Hive, job_id: str, flavour: Flavour, model: str, i
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         if type_ == "token" and event["t"]:
             yield chunk([flavour.choice(event["t"], None, chunk=True)])
+        elif type_ == "gap":
+            # OpenAI's chunks have no way to say "text missing here": the stream ends
+            # clearly instead of going on with a hole in the text.
+            message = f"a Redis failover lost {event['last'] - event['first'] + 1} events of this stream; the whole output is at /v1/inference/{job_id}"
+            yield error_chunk("EVENTS_LOST", message)
+            break
         elif type_ in ("end", "error"):
             failure = job_failure(type_, event)
             if failure is not None:
@@ -324,11 +331,17 @@ async def follow_to_end(request: Request, hive: Hive, job_id: str) -> tuple[str,
 
         group.start_soon(watch_for_disconnect)
         pieces: list[str] = []
+        lost = False
         async for type_, event in job_events(hive, job_id):
             if type_ == "token":
                 pieces.append(event["t"])
+            elif type_ == "gap":
+                lost = True
             elif type_ in ("end", "error"):
-                result = ("".join(pieces), type_, event)
+                text = "".join(pieces)
+                if lost:  # tokens lost in a failover: the worker's record has the whole text
+                    text = (await hive.jobs.record(job_id) or {}).get(job_fields.OUTPUT, text)
+                result = (text, type_, event)
         group.cancel_scope.cancel()
     return result
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -34,7 +35,20 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 #: Frames buffered per follower; a follower further behind reads from the log.
 FOLLOWER_BUFFER = 4096
 
+#: A stream whose Redis goes away waits this long for it before it ends (a Sentinel
+#: failover takes its down-after time plus about a second).
+OUTAGE_GRACE_S = 8.0
+OUTAGE_POLL_S = 0.5
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
 Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
+
+
+@dataclass
+class _Cursor:
+    """Where a stream stands: the last event id it sent (a wait for Redis resumes there)."""
+
+    last: int
 
 
 def _stream_error_frame(error: Error) -> bytes:
@@ -104,6 +118,8 @@ class EventRelay:
         # unsubscribe/resubscribe only the last confirmation means "subscribed now".
         self._unconfirmed: dict[str, int] = {}
         self._reader: asyncio.Task | None = None
+        #: The pub/sub connection was lost: the reader reconnects it, nobody else.
+        self._reconnecting = False
         self._tasks: set[asyncio.Task] = set()
         #: Set by sse-starlette (``shutdown_event``) when uvicorn begins to shut down.
         self.stopping: anyio.Event | None = None
@@ -176,12 +192,19 @@ class EventRelay:
                 if not subscribed:
                     await self.pubsub.subscribe(keys.relay_channel())
                     subscribed = True
+                if self._reconnecting:
+                    await self.pubsub.ping()  # reconnects, and redis-py subscribes every channel again
+                    self._reconnecting = False
                 async for message in self.pubsub.listen():
                     self._dispatch(message)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # connection loop boundary: log, back off, resubscribe
-                log.exception("relay lost its Redis subscription; reconnecting")
+            except Exception as e:  # connection loop boundary: log, back off, resubscribe
+                self._reconnecting = True
+                if isinstance(e, _REDIS_DOWN):  # an outage or a failover: said, not a bug
+                    log.warning("relay lost its Redis subscription (%s); reconnecting", e)
+                else:
+                    log.exception("relay lost its Redis subscription; reconnecting")
                 # Messages published meanwhile are lost to pub/sub: every follower
                 # re-reads the log now (and ends with REDIS_UNAVAILABLE if Redis is gone).
                 self._wake_all(catch_up=True)
@@ -212,9 +235,20 @@ class EventRelay:
         channel = keys.job_channel(job_id)
         entry = self._channels.get(channel)
         if entry is None:
+            if self._reconnecting:
+                # The reader reconnects the pub/sub connection; a SUBSCRIBE now would
+                # connect it a second time, concurrently. follow() waits and comes back.
+                raise redis.exceptions.ConnectionError("the relay is reconnecting to Redis")
             entry = self._channels[channel] = _Channel(asyncio.get_running_loop().create_future())
             self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
-            await self.pubsub.subscribe(channel)
+            try:
+                await self.pubsub.subscribe(channel)
+            except BaseException:  # never sent: no confirmation will come for it
+                self._unconfirmed[channel] -= 1
+                if not self._unconfirmed[channel]:
+                    del self._unconfirmed[channel]
+                del self._channels[channel]
+                raise
         entry.followers.add(follower)
         await asyncio.wait_for(asyncio.shield(entry.subscribed), SUBSCRIBE_TIMEOUT_S)
 
@@ -252,23 +286,37 @@ class EventRelay:
         the terminal event; the frames ready at once come as one chunk. ``on_abandon(job_id)`` runs when the last follower of
         an unfinished job goes away (``cancel_on_disconnect``).
 
-        If Redis goes away the stream ends with an ``error`` frame that has no id
-        (the job itself has not failed: reconnect with Last-Event-ID later)."""
-        try:
-            async for frame in self._follow(job_id, last_id, on_abandon):
-                yield frame
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, asyncio.TimeoutError) as e:
-            log.warning("job %s: ending a stream, Redis is unavailable: %s", job_id, e)
-            error = Error("REDIS_UNAVAILABLE", "the hive lost Redis; reconnect with Last-Event-ID once /health is ok")
-            yield _stream_error_frame(error)
-            yield DONE_FRAME
+        Redis going away for up to OUTAGE_GRACE_S (a Sentinel failover, a restart)
+        only pauses the stream: it goes on from its last event once Redis answers.
+        Longer, the stream ends with an ``error`` frame that has no id (the job
+        itself has not failed: reconnect with Last-Event-ID later)."""
+        cursor = _Cursor(last_id)
+        down_since: float | None = None
+        while True:
+            try:
+                async for frame in self._follow(job_id, cursor, on_abandon):
+                    down_since = None
+                    yield frame
+                return
+            except (*_REDIS_DOWN, asyncio.TimeoutError) as e:
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since < OUTAGE_GRACE_S and not (self.stopping is not None and self.stopping.is_set()):
+                    await asyncio.sleep(OUTAGE_POLL_S)
+                    continue
+                log.warning("job %s: ending a stream, Redis is unavailable: %s", job_id, e)
+                error = Error("REDIS_UNAVAILABLE", "the hive lost Redis; reconnect with Last-Event-ID once /health is ok")
+                yield _stream_error_frame(error)
+                yield DONE_FRAME
+                return
 
     async def _follow(
-        self, job_id: str, last_id: int, on_abandon: Callable[[str], Awaitable] | None
+        self, job_id: str, cursor: "_Cursor", on_abandon: Callable[[str], Awaitable] | None
     ) -> AsyncIterator[bytes]:
         follower = _Follower()
-        last = last_id
+        last = cursor.last
         finished = False
+        redis_lost = False
         try:
             await self._join(job_id, follower)
             pending: list[Frame] = await self.read_log(job_id, last)
@@ -289,13 +337,23 @@ class EventRelay:
                 batch: list[bytes] = []
                 for seq, type_, frame in pending:
                     if seq <= last:
-                        if type_ in TERMINAL_TYPES:  # the client is past the end already
+                        if type_ in TERMINAL_TYPES:
+                            # Never sent by this stream (it ends on its terminal event),
+                            # and a client resuming past the end got [DONE] above: a
+                            # failover lost events, and their ids were written again (a
+                            # hive's WORKER_LOST, say). Sent without an id, as ids never
+                            # go backwards; a resume then finds the end.
                             finished = True
+                            batch.append(frame.split(b"\n", 1)[1])
                             break
                         continue  # already sent: it came from the log, then again live
-                    if seq > last + 1 and not from_log:
-                        gap = True  # a live frame ahead of us: the log has what is between
-                        break
+                    if seq > last + 1:
+                        if not from_log:
+                            gap = True  # a live frame ahead of us: the log has what is between
+                            break
+                        # The log itself lacks them: lost in a failover, said out loud.
+                        log.warning("job %s: events %d..%d are lost (a Redis failover)", job_id, last + 1, seq - 1)
+                        batch.append(events.gap_frame(last + 1, seq - 1))
                     if type_ in TERMINAL_TYPES:
                         finished = True
                     batch.append(frame)
@@ -305,6 +363,7 @@ class EventRelay:
                 if finished:
                     batch.append(DONE_FRAME)
                 if batch:
+                    cursor.last = last
                     yield b"".join(batch)
                 if finished:
                     return
@@ -322,9 +381,12 @@ class EventRelay:
                     pending, from_log = await self.read_log(job_id, last), True
                     continue  # the inbox's frames next round: those already sent are skipped
                 pending = follower.take()
+        except (*_REDIS_DOWN, asyncio.TimeoutError):
+            redis_lost = True  # follow() waits for Redis and follows again: not abandoned
+            raise
         finally:
             alone = self._leave(job_id, follower)
-            if on_abandon is not None and alone and not finished:
+            if on_abandon is not None and alone and not finished and not redis_lost:
                 self._spawn(self._abandon(on_abandon, job_id))
             if alone:
                 try:

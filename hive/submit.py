@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 import uuid
 
@@ -32,11 +33,24 @@ from shared.events import Queued
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
 
+log = logging.getLogger("hive.submit")
+
 
 class QueueFull(Exception):
     """Too many jobs waiting, in all or for this model: come back later."""
 
     retry_after_s = 5
+
+
+class NotReplicated(Exception):
+    """The job did not reach enough replicas in time (``--redis-min-replicas``): it
+    was withdrawn, so nothing of it stays behind. Come back shortly."""
+
+    retry_after_s = 2
+
+
+#: How long a submit waits for replicas to acknowledge it (Redis's WAIT).
+REPLICA_WAIT_MS = 1000
 
 
 # Submits a job in one step: the depth checks, the claim of a warm worker, and
@@ -119,6 +133,20 @@ redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
 return {0, position, worker}
 """
 
+# Takes back a submit that did not reach enough replicas: everything the submit
+# script wrote, unless a worker has already taken the job off its RQ queue (then it
+# runs, and stays accepted). KEYS as _SUBMIT's 1, 2, 5, 6, 7, 8; ARGV: the job id,
+# the RQ queue's key, the claims key of the worker it was routed to (or "").
+_WITHDRAW = """
+if redis.call('LREM', ARGV[2], 0, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[6])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if ARGV[3] ~= '' and tonumber(redis.call('GET', ARGV[3]) or '0') > 0 then redis.call('DECR', ARGV[3]) end
+return 1
+"""
+
 #: How many of a model's listed workers a submit looks at to pick one.
 PICK_CANDIDATES = 16
 
@@ -132,7 +160,9 @@ class Submitter:
         sends nothing."""
         self.settings = settings
         self._sync_connection = sync_connection
+        self._redis = connection
         self._submit = connection.register_script(_SUBMIT)
+        self._withdraw = connection.register_script(_WITHDRAW)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
         """Returns (job id, queue position). A PullRequest downloads the model only.
@@ -155,45 +185,48 @@ class Submitter:
             jobs.OWNER: owner,
         }
         rq_job = self._rq_job_fields(job_id, job_id, request.model_dump(mode="json"), kind)
-        outcome = await self._submit(
-            keys=[
-                keys.queued(queue),
-                keys.queued_for_model(queue, model),
-                keys.idle_with(queue, model, request.revision),
-                keys.workers(queue),
-                keys.job(job_id),
-                keys.job_events(job_id),
-                keys.jobs_index(queue),
-                Job.key_for(job_id),
-                Queue.redis_queues_keys,
-            ],
-            args=[
-                self.settings.max_queue,
-                self.settings.max_queue_per_model,
-                now,
-                now - keys.WORKER_DEAD_AFTER_S,
-                keys.worker(""),
-                PICK_CANDIDATES,
-                self.settings.job_ttl_s,
-                job_id,
-                queue,
-                keys.worker_queue(queue, ""),
-                Queue.redis_queue_namespace_prefix,
-                int(kind == "inference"),  # pulls go to any worker: the shared queue
-                _QUEUED_HEAD,
-                _QUEUED_TAIL,
-                jobs.RQ_QUEUE,
-                jobs.POSITION,
-                events.stream_id(1),
-                Queued.type,
-                json.dumps(record),
-                # str first: RQ's JobStatus is a str enum, whose str() is its name.
-                json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
-                keys.worker_claims(""),
-                keys.CLAIM_TTL_MS,
-                *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
-            ],
-        )
+        script_keys = [
+            keys.queued(queue),
+            keys.queued_for_model(queue, model),
+            keys.idle_with(queue, model, request.revision),
+            keys.workers(queue),
+            keys.job(job_id),
+            keys.job_events(job_id),
+            keys.jobs_index(queue),
+            Job.key_for(job_id),
+            Queue.redis_queues_keys,
+        ]
+        script_args = [
+            self.settings.max_queue,
+            self.settings.max_queue_per_model,
+            now,
+            now - keys.WORKER_DEAD_AFTER_S,
+            keys.worker(""),
+            PICK_CANDIDATES,
+            self.settings.job_ttl_s,
+            job_id,
+            queue,
+            keys.worker_queue(queue, ""),
+            Queue.redis_queue_namespace_prefix,
+            int(kind == "inference"),  # pulls go to any worker: the shared queue
+            _QUEUED_HEAD,
+            _QUEUED_TAIL,
+            jobs.RQ_QUEUE,
+            jobs.POSITION,
+            events.stream_id(1),
+            Queued.type,
+            json.dumps(record),
+            # str first: RQ's JobStatus is a str enum, whose str() is its name.
+            json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
+            keys.worker_claims(""),
+            keys.CLAIM_TTL_MS,
+            *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
+        ]
+        replicas = self.settings.redis_min_replicas
+        if replicas:
+            outcome = await self._submit_replicated(job_id, script_keys, script_args, replicas)
+        else:
+            outcome = await self._run_submit(self._redis, script_keys, script_args)
         code, count = outcome[0], outcome[1]
         # Checked against the waiting sets as they are: a soft bound on memory and
         # waiting time, not a quota (jobs already taken by workers do not count).
@@ -202,6 +235,44 @@ class Submitter:
         if code == 2:
             raise QueueFull(f"{count} jobs for {model} are waiting (the limit is {self.settings.max_queue_per_model})")
         return job_id, count
+
+    async def _run_submit(self, client: aioredis.Redis, script_keys: list, script_args: list) -> list:
+        # A master short of replicas refuses the script's first write (NOREPLICAS,
+        # raised as shared.connections.WritesRefused): nothing of the job is written.
+        return await self._submit(keys=script_keys, args=script_args, client=client)
+
+    async def _submit_replicated(self, job_id: str, script_keys: list, script_args: list, replicas: int) -> list:
+        """The submit, then WAIT for ``replicas`` replicas to have it, on the same
+        connection (WAIT counts that connection's writes). Short of them, the job is
+        withdrawn and NotReplicated raised: a 202 promises the job survives the
+        master's loss, within the limits Redis's replication gives (asynchronous:
+        WAIT makes the loss unlikely, not impossible)."""
+        async with self._redis.client() as connection:
+            outcome = await self._run_submit(connection, script_keys, script_args)
+            if outcome[0] != 0:
+                return outcome  # refused: nothing was written
+            try:
+                acknowledged = await connection.wait(replicas, REPLICA_WAIT_MS)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                acknowledged = -1  # unknown: take it back if the master still answers
+            if acknowledged >= replicas:
+                return outcome
+        worker = outcome[2]
+        worker = worker.decode() if isinstance(worker, bytes) else worker
+        queue = self.settings.queue
+        rq_queue = Queue.redis_queue_namespace_prefix + (keys.worker_queue(queue, worker) if worker else queue)
+        try:
+            withdrawn = await self._withdraw(
+                keys=[script_keys[i] for i in (0, 1, 4, 5, 6, 7)],
+                args=[job_id, rq_queue, keys.worker_claims(worker) if worker else ""],
+            )
+        except redis.exceptions.RedisError as e:  # the master is going: the 503 still tells the truth
+            log.warning("job %s: could not withdraw a submit short of replicas: %s", job_id, e)
+            raise NotReplicated(f"the job may not have reached the {replicas} Redis replicas it needs: {e}") from e
+        if not withdrawn:
+            return outcome  # a worker took it meanwhile: it runs, so it stays accepted
+        have = "unknown" if acknowledged < 0 else str(acknowledged)
+        raise NotReplicated(f"the job reached {have} of the {replicas} Redis replicas it needs within {REPLICA_WAIT_MS} ms")
 
     def _rq_job_fields(self, job_id: str, rq_id: str, spec: dict, kind: str) -> dict:
         """RQ's own hash of the job, as ``Queue.enqueue_call`` writes it, built by RQ

@@ -8,6 +8,13 @@ times with a short backoff (≈0.5 s in all), then raise, which the hive turns i
 The pools block: a burst of requests (a few hundred streams opening at once) waits
 for one of POOL_SIZE connections instead of failing with "Too many connections",
 which redis-py's default pool (100 connections, no waiting) answers.
+
+A Sentinel URL (shared/redis_url.py) gives clients that ask the Sentinels where
+the master is, and ask again when a command finds it gone: on a failover, the old
+master's READONLY replies and the UNBLOCKED error it sends to blocked BLPOPs
+become ConnectionErrors in redis-py's Sentinel connection, which these clients
+retry against the new master. Scripts survive it too: redis-py's Script reloads
+itself on NOSCRIPT (the promoted replica's script cache starts empty).
 """
 
 from __future__ import annotations
@@ -17,10 +24,18 @@ import time
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import DefaultParser as AsyncDefaultParser
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.exceptions import ConnectionError, TimeoutError
+from redis.connection import DefaultParser
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
+from . import keys
+
+from .redis_url import SentinelTarget, is_sentinel, parse_sentinel_url
 from .settings import redact_url
 
 RETRIES = 3
@@ -28,13 +43,47 @@ _RETRY_ON = [ConnectionError, TimeoutError]
 POOL_SIZE = 64
 #: How long a command waits for a free pooled connection before it fails.
 POOL_TIMEOUT_S = 10.0
+#: Sentinel queries: a Sentinel that does not answer this fast is passed over for the next.
+SENTINEL_TIMEOUT_S = 1.0
+
+
+class WritesRefused(ConnectionError):
+    """The master refuses writes for now: NOREPLICAS (fewer replicas than its
+    min-replicas-to-write, as right after a failover while they resync) or
+    MASTERDOWN. A ConnectionError, so that it is retried and waited out like one;
+    redis-py raises a plain ResponseError, which every caller would take for a bug."""
+
+
+_TRANSIENT_ERRORS = {"NOREPLICAS": WritesRefused, "MASTERDOWN": WritesRefused}
+
+
+class _Parser(DefaultParser):
+    EXCEPTION_CLASSES = {**DefaultParser.EXCEPTION_CLASSES, **_TRANSIENT_ERRORS}
+
+
+class _AsyncParser(AsyncDefaultParser):
+    EXCEPTION_CLASSES = {**AsyncDefaultParser.EXCEPTION_CLASSES, **_TRANSIENT_ERRORS}
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's master pool, blocking as ours do: redis-py's raises "Too many
+    connections" when all are in use."""
+
+
+class _AsyncBlockingSentinelPool(AsyncSentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The same, for asyncio."""
 
 
 def sync_client(url: str, max_connections: int = POOL_SIZE, **options) -> redis.Redis:
     retry = redis.retry.Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES)
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, **options
+    pool_options = dict(
+        max_connections=max_connections, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, parser_class=_Parser, **options
     )
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        sentinel = Sentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
+        return sentinel.master_for(target.master, connection_pool_class=_BlockingSentinelPool, **_master_options(target), **pool_options)
+    pool = redis.BlockingConnectionPool.from_url(url, **pool_options)
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # close() releases the pool, as with from_url
     return client
@@ -42,12 +91,39 @@ def sync_client(url: str, max_connections: int = POOL_SIZE, **options) -> redis.
 
 def async_client(url: str, **options) -> aioredis.Redis:
     retry = AsyncRetry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=POOL_SIZE, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, **options
+    pool_options = dict(
+        max_connections=POOL_SIZE, timeout=POOL_TIMEOUT_S, retry=retry, retry_on_error=_RETRY_ON, parser_class=_AsyncParser, **options
     )
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        sentinel = AsyncSentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
+        return sentinel.master_for(
+            target.master, connection_pool_class=_AsyncBlockingSentinelPool, **_master_options(target), **pool_options
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(url, **pool_options)
     client = aioredis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # aclose() releases the pool, as with from_url
     return client
+
+
+def _sentinel_options(target: SentinelTarget) -> dict:
+    """How to reach the Sentinels themselves: their own credentials, TLS, and a
+    short timeout, so that master discovery moves on from one that is down."""
+    options: dict = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    if target.sentinel_username:
+        options["username"] = target.sentinel_username
+    if target.sentinel_password:
+        options["password"] = target.sentinel_password
+    if target.ssl:
+        options["ssl"] = True
+    return options
+
+
+def _master_options(target: SentinelTarget) -> dict:
+    options: dict = {"db": target.db, "username": target.username, "password": target.password}
+    if target.ssl:
+        options["ssl"] = True
+    return options
 
 
 #: How often a process that waits for Redis at start-up says so in its log.
@@ -77,13 +153,26 @@ def preflight(url: str) -> None:
     """Raises RedisUnusable for a URL that can never work; an unreachable Redis is
     fine here (the process waits for it: ``wait_for_redis``)."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    except ValueError as e:  # redis-py's own URL parser: an unknown scheme, a bad port or db
+        if is_sentinel(url):
+            client = sync_client(url, socket_connect_timeout=2, socket_timeout=2)
+        else:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    except ValueError as e:  # our Sentinel URL parser or redis-py's: an unknown scheme, a bad port or db
         raise RedisUnusable(f"bad Redis URL {redact_url(url)}: {e}") from e
     try:
         _answers(client, url)
     finally:
         client.close()
+
+
+def takes_writes(client: redis.Redis) -> bool:
+    """Whether Redis takes a write now (a PING is answered by a master that still
+    refuses writes), after an outage or a failover."""
+    try:
+        client.set(keys.WRITE_PROBE, 1, px=keys.WRITE_PROBE_TTL_MS)
+        return True
+    except (ConnectionError, TimeoutError):
+        return False
 
 
 def wait_for_redis(client: redis.Redis, url: str, who: str, log: logging.Logger) -> None:

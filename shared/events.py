@@ -99,6 +99,18 @@ class Error(Event):
     message: str
 
 
+@dataclass(frozen=True)
+class Gap(Event):
+    """Events ``first`` .. ``last`` are gone: Redis failed over to a replica that
+    had not received them (replication is asynchronous). Never stored: the hive
+    sends it, with id ``last``, where a follower's next event would skip ids. The
+    job goes on (or has ended: its terminal event follows)."""
+
+    type = "gap"
+    first: int
+    last: int
+
+
 TERMINAL_TYPES = frozenset({End.type, Error.type})
 #: Codes of an ``error`` that ends a stream, not its job (sent without an id): the
 #: hive lost Redis or is shutting down. The job goes on; resume with Last-Event-ID.
@@ -130,3 +142,7 @@ def parse_live_message(message: str | bytes) -> tuple[int, str, str]:
 
 def sse_frame(seq: int, type_: str, data: str) -> bytes:
     return f"id: {seq}\nevent: {type_}\ndata: {data}\n\n".encode()
+
+
+def gap_frame(first: int, last: int) -> bytes:
+    return sse_frame(last, Gap.type, Gap(first, last).to_json())

@@ -123,3 +123,9 @@ def idle_with(queue: str, model: str, revision: str | None) -> str:
 
 #: Pub/sub channel carrying the ids of models to delete from the workers' caches.
 MODEL_DELETE_CHANNEL = f"{PREFIX}:models:delete"
+
+
+#: Written (and expiring at once) to learn whether Redis takes writes again after an
+#: outage: a PING is answered while a new master still refuses writes (NOREPLICAS).
+WRITE_PROBE = f"{PREFIX}:write-probe"
+WRITE_PROBE_TTL_MS = 1000

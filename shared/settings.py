@@ -7,6 +7,7 @@ The CLI (typer) reads flags and their ``HIVE_*`` environment variables and build
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,9 @@ DEMO_MODEL = "hive-demo/tiny-llama"
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Hive: a submit is acknowledged (202) once this many replicas have it (Redis's
+    #: WAIT); the CLI makes it 1 with a Sentinel URL and 0 with a plain one.
+    redis_min_replicas: int = 0
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     queue: str = keys.DEFAULT_QUEUE
@@ -77,9 +81,13 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host`` → ``redis://user:***@host``."""
+    """``redis://user:secret@host`` → ``redis://user:***@host``; a Sentinel URL's
+    ``sentinel_password=secret`` → ``sentinel_password=***``."""
     parts = urlsplit(url)
-    if parts.password is None:
+    query = re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", parts.query)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

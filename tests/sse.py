@@ -37,7 +37,7 @@ def follow(base_url: str, sse_url: str, last_event_id: str | None = None, limit:
     received: list[Received] = []
     with httpx.Client(timeout=httpx.Timeout(10, read=timeout)) as client:
         with connect_sse(client, "GET", f"{base_url}{sse_url}", headers=headers) as source:
-            assert source.response.status_code == 200
+            assert source.response.status_code == 200, (source.response.status_code, source.response.read())
             assert source.response.headers["content-type"].startswith("text/event-stream")
             for sse in source.iter_sse():
                 if not sse.data:
@@ -62,3 +62,24 @@ def status(base_url: str, job_id: str) -> dict:
     response = httpx.get(f"{base_url}/v1/inference/{job_id}", timeout=10)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def lost_events(received: list[Received]) -> int:
+    """Checks what a follower must see when Redis lost events (a failover, a restart):
+    ids that only grow, each event right after the one before, or after a ``gap``
+    event that names exactly the ids skipped. Returns how many events gaps skipped."""
+    lost, expected = 0, 1
+    for event in received:
+        if event.done:
+            break
+        if not event.id or int(event.id) < expected:  # an id-less terminal event comes last
+            assert event.event in ("end", "error") and event is received[-2], f"event {event} goes backwards"
+            continue
+        if event.event == "gap":
+            gap = event.json()
+            assert (gap["first"], gap["last"]) == (expected, int(event.id)), f"gap {gap} after event {expected - 1}"
+            lost += gap["last"] - gap["first"] + 1
+        else:
+            assert int(event.id) == expected, f"event {event.id} after {expected - 1}, with no gap event"
+        expected = int(event.id) + 1
+    return lost

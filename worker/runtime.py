@@ -24,6 +24,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from shared import jobs, keys
+from shared.connections import takes_writes
 from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
@@ -213,12 +214,8 @@ class WorkerRuntime:
         as between two reapers) or Redis came back without it."""
         log.warning("job %s: lost Redis (%s); waiting for it to come back", job.job_id, error)
         down_since = time.monotonic()
-        while True:
-            try:
-                self.redis.ping()
-                break
-            except REDIS_DOWN:
-                time.sleep(OUTAGE_POLL_S)
+        while not takes_writes(self.redis):
+            time.sleep(OUTAGE_POLL_S)
         outage_s = time.monotonic() - down_since
         if not self.leases.reclaim(job):
             log.warning("job %s: Redis is back after %.1f s; a hive has taken the job over", job.job_id, outage_s)
@@ -227,6 +224,10 @@ class WorkerRuntime:
         log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job.job_id, outage_s)
         # A fresh reporter re-reads where the log stands: some events may not have made it.
         reporter = MeasuredReporter(self.metrics, self.redis, job.job_id, self.settings.job_ttl_s)
+        if job.reporter is not None:
+            # Never an id already used: after a failover the log may lack events its
+            # followers have seen (the hive marks the hole with a `gap` event).
+            reporter.seq = max(reporter.seq, job.reporter.seq)
         reporter.finish(
             Error("REDIS_UNAVAILABLE", message),
             JobState.failed,

@@ -9,11 +9,28 @@ bench/relay.py) and every write stays in order. A step after which jobs end read
 its replies at once: the jobs' threads then write their terminal events on other
 connections, after their last tokens. redis-py has no send-now-read-later call,
 hence its connection's own send and read.
+
+Redis going away (a restart, a Sentinel failover) does not end the batch: the
+writer waits for Redis to answer again, and the batch goes on from where it was.
+The commands of the step (or two) in flight may be lost; the job's ids go on
+increasing, so the hive shows the hole to followers as a ``gap`` event, and each
+job's record still gets its whole output when it ends.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import redis
+
+from shared.connections import takes_writes
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: How often the writer asks whether Redis is back.
+OUTAGE_POLL_S = 0.2
 
 
 class StepWriter:
@@ -23,16 +40,21 @@ class StepWriter:
         self._unread = 0
         #: Commands sent in all (bench/redis_cmds.py checks the per-token figure).
         self.commands_sent = 0
+        #: Commands that may not have reached Redis, in outages ridden out.
+        self.commands_lost = 0
 
     def send(self, commands: list[bytes]) -> None:
         """Sends one step's commands; the previous step's replies are read first."""
         if not commands:
             return
         self.flush()
-        if self._connection is None:
-            self._connection = self._redis.connection_pool.get_connection()
         try:
+            if self._connection is None:
+                self._connection = self._redis.connection_pool.get_connection()
             self._connection.send_packed_command(commands)
+        except REDIS_DOWN as e:
+            self._ride_out(e, len(commands))
+            return
         except BaseException:
             self._drop()
             raise
@@ -48,14 +70,27 @@ class StepWriter:
             while self._unread:
                 self._connection.read_response()
                 self._unread -= 1
+        except REDIS_DOWN as e:
+            self._ride_out(e, self._unread)
         except BaseException:
             self._drop()  # the replies after an error stay unread
             raise
 
+    def _ride_out(self, error: Exception, unconfirmed: int) -> None:
+        """Waits until Redis answers again (a restart, a failover to a replica)."""
+        self._drop()
+        self.commands_lost += unconfirmed
+        log.warning("lost Redis (%s): %d commands unconfirmed; the batch waits for Redis", error, unconfirmed)
+        down_since = time.monotonic()
+        while not takes_writes(self._redis):
+            time.sleep(OUTAGE_POLL_S)
+        log.warning("Redis answers again after %.1f s; the batch goes on", time.monotonic() - down_since)
+
     def _drop(self) -> None:
         connection, self._connection, self._unread = self._connection, None, 0
-        connection.disconnect()
-        self._redis.connection_pool.release(connection)
+        if connection is not None:
+            connection.disconnect()
+            self._redis.connection_pool.release(connection)
 
     def close(self) -> None:
         if self._connection is not None:
