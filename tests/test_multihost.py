@@ -214,7 +214,7 @@ def follow_from(cluster: Cluster, host: Host, name: str, sse_url: str, *args: st
 def test_a_follower_on_a_fifth_host_streams_and_resumes(cluster):
     follower = cluster.host("follower")
     with cluster.api() as api:
-        job = submit(api, max_tokens=20)
+        job = submit(api, max_tokens=60)  # 3 s: the second follower joins while it generates
     first = follow_from(cluster, follower, "mh-follow-1", job["sse_url"], "--limit", "6")
     assert len(first) == 6 and first[-1]["data"] != "[DONE]"
     rest = follow_from(cluster, follower, "mh-follow-2", job["sse_url"], "--last-event-id", first[-1]["id"])
@@ -222,7 +222,7 @@ def test_a_follower_on_a_fifth_host_streams_and_resumes(cluster):
     assert received[-1]["data"] == "[DONE]" and received[-2]["event"] == "end"
     ids = [int(r["id"]) for r in received[:-1]]
     assert ids == list(range(1, len(ids) + 1))  # resumed exactly after the last id: no gap, no repeat
-    assert sum(r["event"] == "token" for r in received) == 20
+    assert sum(r["event"] == "token" for r in received) == 60
 
 
 def host_of(worker: str) -> str:
