@@ -189,6 +189,14 @@ class WorkerRuntime:
             log.info("job %s cancelled before its first token", job.job_id)
             reporter.finish(Error(e.code, str(e)), JobState.cancelled, **{jobs.ERROR_CODE: e.code, jobs.ERROR_MESSAGE: str(e)})
         except Exception as e:  # job boundary: every failure ends the stream with an error event
+            # Unless a hive's reaper already ended or retried it: a worker cut off from
+            # Redis (a partition, not a crash) fails its step with whatever the late
+            # writes met (an XADD refused past the reaper's event) before its lease
+            # renewal notices. The lease decides, as after an outage; renewing it here
+            # keeps a reaper off the job until its terminal event is out.
+            if not self.leases.reclaim(job):
+                log.warning("job %s: abandoned, its lease was taken over (it had failed with %r)", job.job_id, e)
+                return
             log.exception("job %s failed", job.job_id)
             code = error_code(e)
             message = str(e) or type(e).__name__
