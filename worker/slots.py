@@ -83,7 +83,7 @@ class Slots:
             self.stopping.set()
             for worker, thread in zip(self.workers[1:], self._threads):
                 worker._stop_requested = True
-                if worker.get_current_job_id() is not None:
+                if worker.executions:  # RQ 3: this thread's job; get_current_job_id() would ask Redis when idle
                     thread.join()  # its job ends first (a warm stop)
                 elif thread.is_alive():
                     worker.register_death()  # waiting on the queues: off RQ's list now
