@@ -29,6 +29,8 @@ class StepWriter:
         if not commands:
             return
         self.flush()
+        if self._connection is not None and self._went_stale():
+            self._drop()
         if self._connection is None:
             self._connection = self._redis.connection_pool.get_connection()
         try:
@@ -51,6 +53,15 @@ class StepWriter:
         except BaseException:
             self._drop()  # the replies after an error stay unread
             raise
+
+    def _went_stale(self) -> bool:
+        """Whether the kept connection, all its replies read, has something to read
+        anyway: Redis closed it (restarted while this engine was idle, say). The pool's
+        own check before it lends a connection, which a kept one skips; one poll."""
+        try:
+            return self._connection.can_read()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return True
 
     def _drop(self) -> None:
         connection, self._connection, self._unread = self._connection, None, 0
