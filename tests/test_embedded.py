@@ -9,11 +9,11 @@ import threading
 
 import pytest
 import redis
-from rq import Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from hive.embedded import _fake_redis_server, free_port
+from worker.outages import SlotQueue
 from worker.slots import SlotWorker
 
 pytestmark = pytest.mark.unit
@@ -39,7 +39,7 @@ def fake_redis():
 def test_a_slot_worker_starts_and_runs_a_job_on_the_embedded_redis(fake_redis):
     # Warnings are errors here: RQ warns "CLIENT LIST command not supported" when the
     # server cannot say the worker's address (fakeredis before 2.36.2 under RQ 3).
-    queue = Queue("embedded", connection=fake_redis, serializer=JSONSerializer)
+    queue = SlotQueue("embedded", connection=fake_redis, serializer=JSONSerializer)
     job = queue.enqueue(double, 21)
     worker = SlotWorker([queue], connection=fake_redis, serializer=JSONSerializer, stopping=threading.Event(), main=False)
     assert "127.0.0.1" in worker.ip_address  # fakeredis writes it as a Python tuple: ('127.0.0.1', port)
