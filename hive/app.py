@@ -69,7 +69,8 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         connection = async_client(settings.redis_url, decode_responses=True)
         sync_connection = sync_client(settings.redis_url)
-        relay = EventRelay(async_client(settings.redis_url, decode_responses=True))
+        relay_connection = async_client(settings.redis_url, decode_responses=True)
+        relay = EventRelay(relay_connection)
         # Started before Redis answers, the hive serves anyway (/health: 503) and says what it waits for.
         await relay.start(lambda: anyio.to_thread.run_sync(wait_for_redis, sync_connection, settings.redis_url, "hive", log))
         metrics = app_metrics(app)
@@ -87,6 +88,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
             await reaper.stop()
             await stalls.stop()
             await relay.stop()
+            await relay_connection.aclose()
             await connection.aclose()
             sync_connection.close()
             if hub is not None:  # a mounted app's own lifespan never runs

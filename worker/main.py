@@ -21,10 +21,10 @@ def run_worker(settings: Settings) -> None:
         # and each job's thread and engine writes on others.
         return sync_client(settings.redis_url, max_connections=3 * slots + 16)
 
-    from rq import Queue
     from rq.serializers import JSONSerializer
 
     from . import tasks
+    from .outages import SlotQueue
     from .runtime import WorkerRuntime
     from .slots import Slots
 
@@ -39,7 +39,7 @@ def run_worker(settings: Settings) -> None:
     tasks.install_runtime(runtime)
     # Its own queue first: the hive routes a job there when this worker is idle and
     # already holds the job's model; then the cluster's queue, shared by all.
-    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
+    queues = [SlotQueue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
     slots = Slots(runtime.max_batch, queues, connection, JSONSerializer, runtime.name)
     if settings.metrics_port:
         runtime.metrics.serve(settings.metrics_port)  # before taking jobs: a port in use stops the worker here

@@ -48,6 +48,8 @@ class StepWriter:
         if not commands:
             return
         self.flush()
+        if self._connection is not None and self._went_stale():
+            self._drop()
         try:
             if self._connection is None:
                 self._connection = self._redis.connection_pool.get_connection()
@@ -85,6 +87,15 @@ class StepWriter:
         while not takes_writes(self._redis):
             time.sleep(OUTAGE_POLL_S)
         log.warning("Redis answers again after %.1f s; the batch goes on", time.monotonic() - down_since)
+
+    def _went_stale(self) -> bool:
+        """Whether the kept connection, all its replies read, has something to read
+        anyway: Redis closed it (restarted while this engine was idle, say). The pool's
+        own check before it lends a connection, which a kept one skips; one poll."""
+        try:
+            return self._connection.can_read()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return True
 
     def _drop(self) -> None:
         connection, self._connection, self._unread = self._connection, None, 0
