@@ -280,14 +280,23 @@ def up(
     token_delay_ms: Annotated[float, typer.Option(envvar="HIVE_TOKEN_DELAY_MS", min=0, help="Pause after each token.")] = 0.0,
     workers: Annotated[int, typer.Option(envvar="HIVE_WORKERS", min=1, max=64, help="Worker processes; with --device cuda, one per GPU (cuda:0 …).")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the hive's and worker's logs.")] = False,
+    redis_url: Annotated[
+        Optional[str],
+        typer.Option(help="Use this Redis (redis://, or redis+sentinel://) instead of a private one for this run.", show_default=False),
+    ] = None,
 ) -> None:
     """Redis, the hive and its workers on this machine, in the foreground. No GPU, Redis or network needed."""
+    from shared.redis_url import is_sentinel
+
     from .embedded import run_up
 
     _logging("info" if verbose else "warning")
-    settings = Settings(host=host, port=port, device=device, token_delay_ms=token_delay_ms)
+    if redis_url is not None:
+        _check_redis(redis_url)
+    min_replicas = 1 if redis_url and is_sentinel(redis_url) else 0
+    settings = Settings(host=host, port=port, device=device, token_delay_ms=token_delay_ms, redis_min_replicas=min_replicas)
     body = _prompt_body(prompt, model, max_tokens, temperature, seed, []) if prompt is not None else None
-    raise typer.Exit(run_up(settings, hf_endpoint, body, verbose, workers))
+    raise typer.Exit(run_up(settings, hf_endpoint, body, verbose, workers, redis_url))
 
 
 register_admin_commands(app)

@@ -180,8 +180,11 @@ def wait_until_ready(url: str, workers: list[subprocess.Popen], console: Console
     raise StartupError(f"no worker registered within {START_TIMEOUT_S:.0f} s")
 
 
-def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None, verbose: bool, workers: int = 1) -> int:
-    """Runs until Ctrl-C, or, with ``prompt_body``, until that prompt is answered."""
+def run_up(
+    settings: Settings, hf_endpoint: str | None, prompt_body: dict | None, verbose: bool, workers: int = 1, redis_url: str | None = None
+) -> int:
+    """Runs until Ctrl-C, or, with ``prompt_body``, until that prompt is answered.
+    ``redis_url``: a Redis (or Sentinel) to use instead of a private one."""
     import uvicorn
 
     from .app import create_app
@@ -196,7 +199,7 @@ def run_up(settings: Settings, hf_endpoint: str | None, prompt_body: dict | None
     outcome = {"code": 0}
     with contextlib.ExitStack() as stack:
         try:
-            settings = settings.replace(redis_url=stack.enter_context(embedded_redis(console)))
+            settings = settings.replace(redis_url=redis_url or stack.enter_context(embedded_redis(console)))
         except StartupError as e:
             console.print(f"[red]{e}[/]")
             return 1

@@ -164,7 +164,7 @@ class LocalCompose:
     def command(self, service: str, args: list[str]) -> list[str]:
         """A command of ``service`` as it runs here: its program from this machine, listening
         on loopback and the service's local port, talking to the others' local ports."""
-        args = [self._address(unescape(arg), service) for arg in args]
+        args = [self._path(self._address(unescape(arg), service), service) for arg in args]
         program, rest = args[0], args[1:]
         if program == "redis-server":
             rest += ["--port", str(self.ports[service]), "--bind", "127.0.0.1"]
@@ -230,7 +230,7 @@ def _required(program: str) -> str:
 def test_both_files_resolve_to_redis_the_hive_and_workers(configs):
     for variant, config in configs.items():
         assert set(config["services"]) == {"redis", "hive", "worker"}, variant
-        assert {"hf-cache", "hub-cache"} <= set(config["volumes"]), variant
+        assert {"hf-cache", "hub-cache", "redis-data"} <= set(config["volumes"]), variant
 
 
 @pytest.mark.parametrize("variant", FILES)
@@ -411,3 +411,49 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.strip("/"))
     wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
     return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts))
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    """``--name value`` pairs of a redis-server command line."""
+    return {command[i][2:]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+
+
+@pytest.mark.parametrize("variant", FILES)
+def test_the_plain_redis_keeps_what_it_accepted(configs, variant):
+    """An append-only file on a volume, and no eviction: a restart or a full Redis never
+    forgets an accepted job."""
+    redis_service = configs[variant]["services"]["redis"]
+    flags = _flags(redis_service["command"])
+    assert flags["appendonly"] == "yes" and flags["maxmemory-policy"] == "noeviction"
+    assert mounts(redis_service)[flags["dir"]] == "redis-data"
+
+
+@pytest.mark.parametrize("variant", FILES)
+def test_the_ha_override_runs_sentinel_with_replicas_and_points_hive_at_it(variant):
+    from shared.redis_url import parse_sentinel_url
+
+    result = subprocess.run(
+        [*compose_cli(), "--project-directory", str(ROOT), "-f", str(FILES[variant]), "-f", str(ROOT / "compose.ha.yaml"), "config"],
+        check=False, capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HIVE_API_KEYS": API_KEY}, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    nodes = {name: _flags(spec["command"]) for name, spec in services.items() if name.startswith("redis")}
+    assert set(nodes) == {"redis", "redis-replica-1", "redis-replica-2"}
+    for name, flags in nodes.items():
+        # Any node may be promoted: each refuses writes without an in-sync replica, keeps an
+        # append-only file on a volume of its own, never evicts, and announces its name.
+        assert flags["min-replicas-to-write"] == "1" and flags["min-replicas-max-lag"] == "10", name
+        assert flags["appendonly"] == "yes" and flags["maxmemory-policy"] == "noeviction", name
+        assert flags["replica-announce-ip"] == name and mounts(services[name])[flags["dir"]] == f"{name}-data"
+    assert "replicaof" not in nodes["redis"]
+    assert all(services[f"redis-replica-{k}"]["command"][-2:] == ["redis", "6379"] for k in (1, 2))
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    script = services["sentinel-1"]["command"][0]
+    assert "sentinel monitor hive redis 6379 2" in script and "--sentinel" in script
+    for service in ("hive", "worker"):
+        target = parse_sentinel_url(unescape(services[service]["environment"]["HIVE_REDIS_URL"]))
+        assert target.master == "hive" and sorted(host for host, _ in target.sentinels) == sentinels
+        assert {port for _, port in target.sentinels} == {26379}
+        assert set(sentinels) <= set(depends_on(services[service]))
