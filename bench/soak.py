@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
 from bench.doc import replace_section
-from shared import keys
+from shared import events, keys
 from tests import processes
 from tests.tiny_models import build_model
 
@@ -123,7 +123,11 @@ async def check_streams(connection: aioredis.Redis, job_id: str, streams: list, 
     """Each follower's events against the job's replay log read from Redis itself,
     as soon as the job's streams are over (before its TTL runs out)."""
     entries = await connection.xrange(keys.job_events(job_id))
-    log = [(e.decode().split("-")[0], f[b"e"].decode(), f[b"d"].decode()) for e, f in entries]
+    log = [
+        (str(seq), type_, data)
+        for e, f in entries
+        for seq, type_, data in events.log_events(e, f[b"e"].decode(), f[b"d"].decode())
+    ]
     for got in streams:
         ids = [g[0] for g in got]
         result["duplicate events"] += len(ids) - len(set(ids))

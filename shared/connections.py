@@ -14,7 +14,10 @@ the master is, and ask again when a command finds it gone: on a failover, the ol
 master's READONLY replies and the UNBLOCKED error it sends to blocked BLPOPs
 become ConnectionErrors in redis-py's Sentinel connection, which these clients
 retry against the new master. Scripts survive it too: redis-py's Script reloads
-itself on NOSCRIPT (the promoted replica's script cache starts empty).
+itself on NOSCRIPT (the promoted replica's script cache starts empty). A new master
+that refuses writes until a replica has resynced (NOREPLICAS, with
+min-replicas-to-write) raises WritesRefused, a ConnectionError: retried, then
+waited out (the worker) or answered 503 (the hive) like an outage.
 """
 
 from __future__ import annotations
@@ -26,15 +29,14 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import DefaultParser as AsyncDefaultParser
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.backoff import ExponentialBackoff
 from redis.connection import DefaultParser
+from redis.exceptions import ConnectionError, TimeoutError
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from . import keys
-
 from .redis_url import SentinelTarget, is_sentinel, parse_sentinel_url
 from .settings import redact_url
 

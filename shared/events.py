@@ -1,7 +1,9 @@
 """The job event schema: one frozen dataclass per SSE event type, and its wire forms.
 
 An event travels three ways, all built here so hive and worker cannot drift apart:
-- the replay log (a Redis Stream entry ``<seq>-0`` with fields ``e`` = type, ``d`` = JSON),
+- the replay log (a Redis Stream entry ``<seq>-0`` with fields ``e`` = type, ``d`` = JSON;
+  once the job has ended, each run of token events is compacted into one entry:
+  ``COMPACT_TOKENS``),
 - the live pub/sub message ``"<seq>\\n<type>\\n<JSON>"`` (split, never parsed, by the relay),
 - the SSE frame ``id: <seq>\\nevent: <type>\\ndata: <JSON>\\n\\n``.
 The JSON object always carries ``"event": <type>`` as its first field.
@@ -127,6 +129,67 @@ def seq_of(entry_id: str | bytes) -> int:
     if isinstance(entry_id, bytes):
         entry_id = entry_id.decode()
     return int(entry_id.split("-", 1)[0])
+
+
+#: A compacted run of token events: one log entry, with the id of the run's last token,
+#: ``{"event": "tokens", "i": <first i>, "t": [<text>, ...]}``.
+TOKENS = "tokens"
+
+# Compacts a finished job's replay log: each run of consecutive token entries (ids and
+# token numbers both without a hole) becomes one TOKENS entry; other entries stay as
+# they are, ids included. A token entry costs Redis ~69 bytes, most of it per-entry
+# overhead, and a finished job's log lives as long as its record (the job TTL): one
+# entry per run is about 10× less, and ``log_events`` gives a late follower the same
+# ids and JSON, so no reader can tell. Atomic (one script), so a follower reading the
+# log meanwhile sees it whole before or after. Returns the entries saved.
+COMPACT_TOKENS = """
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+local out, run = {}, nil
+local function close_run()
+  if run then
+    out[#out + 1] = {run.id, 'tokens', cjson.encode({event = 'tokens', i = run.i, t = run.t})}
+    run = nil
+  end
+end
+for _, entry in ipairs(entries) do
+  local id, fields = entry[1], entry[2]
+  local kind, data = fields[2], fields[4]
+  local seq = tonumber(string.match(id, '^(%d+)'))
+  if kind == 'token' then
+    local token = cjson.decode(data)
+    if run and seq == run.seq + 1 and token.i == run.i + #run.t then
+      run.t[#run.t + 1] = token.t
+      run.id, run.seq = id, seq
+    else
+      close_run()
+      run = {id = id, seq = seq, i = token.i, t = {token.t}}
+    end
+  else
+    close_run()
+    out[#out + 1] = {id, kind, data}
+  end
+end
+close_run()
+if #out == #entries then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+for _, entry in ipairs(out) do
+  redis.call('XADD', KEYS[1], entry[1], 'e', entry[2], 'd', entry[3])
+end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return #entries - #out
+"""
+
+
+def log_events(entry_id: str | bytes, type_: str, data: str) -> list[tuple[int, str, str]]:
+    """The events one replay-log entry holds, as ``(seq, type, JSON)``: the entry
+    itself, or a compacted run of tokens with each token's own id and JSON."""
+    seq = seq_of(entry_id)
+    if type_ != TOKENS:
+        return [(seq, type_, data)]
+    run = json.loads(data)
+    first = seq - len(run["t"]) + 1
+    return [(first + k, Token.type, Token(text, run["i"] + k).to_json()) for k, text in enumerate(run["t"])]
 
 
 def live_message(seq: int, type_: str, data: str) -> str:

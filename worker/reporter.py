@@ -106,4 +106,6 @@ class JobReporter:
         pipe.expire(self._log_key, self.ttl_s)
         pipe.expire(keys.job(self.job_id), self.ttl_s)
         pipe.zrem(keys.RUNNING, self.job_id)  # give the lease back
+        # The log shrinks about 10× for the job TTL it is kept (shared/events.py).
+        self.redis.register_script(events.COMPACT_TOKENS)(keys=[self._log_key], client=pipe)
         pipe.execute()
