@@ -20,6 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import anyio
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from shared import events, keys
 from shared.events import DONE_FRAME, TERMINAL_TYPES, Error
@@ -39,6 +40,8 @@ FOLLOWER_BUFFER = 4096
 #: failover takes its down-after time plus about a second).
 OUTAGE_GRACE_S = 8.0
 OUTAGE_POLL_S = 0.5
+#: With Sentinel, how often the relay checks that it listens to the master.
+MASTER_CHECK_S = 1.0
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
@@ -138,6 +141,8 @@ class EventRelay:
         self.stopping = anyio.Event()
         self._spawn(self._end_streams_on_shutdown())
         self._spawn(self._catch_up_quiet_followers())
+        if isinstance(self.redis.connection_pool, SentinelConnectionPool):
+            self._spawn(self._follow_the_master())
 
     async def _catch_up_quiet_followers(self) -> None:
         """Every CATCH_UP_S, a follower that has waited a whole period with nothing
@@ -153,6 +158,25 @@ class EventRelay:
                         follower.quiet_sweeps = 0
                         follower.catch_up = True
                         follower.wake()
+
+    async def _follow_the_master(self) -> None:
+        """With Sentinel: the pub/sub connection only listens, so nothing tells it
+        that its server was demoted in a failover (a writer gets READONLY): it would
+        hear nothing more, and followers would wait for the catch-up sweep. Once a
+        second, the Sentinels are asked where the master is; a connection to any other
+        server is dropped, and the reader reconnects to the master and resubscribes."""
+        while True:
+            await asyncio.sleep(MASTER_CHECK_S)
+            connection = self.pubsub.connection
+            if connection is None or self._reconnecting or not connection.is_connected:
+                continue
+            try:
+                master = await self.redis.connection_pool.get_master_address()
+            except redis.exceptions.RedisError:
+                continue  # no master to move to yet
+            if (connection.host, connection.port) != tuple(master):
+                log.warning("relay: the master is now %s:%s; resubscribing there", *master)
+                await connection.disconnect()
 
     def _wake_all(self, catch_up: bool = False, stopping: bool = False) -> None:
         for entry in self._channels.values():
