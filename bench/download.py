@@ -43,6 +43,7 @@ def measure(redis_url: str, scratch: Path, rounds: int) -> dict:
     import redis
     from huggingface_hub import HfApi, constants, hf_hub_download
 
+    from shared.clock import RedisClock
     from worker.download import HUB_CHUNK_BYTES, _wanted, fetch_model
     from worker.reporter import JobReporter
 
@@ -54,7 +55,7 @@ def measure(redis_url: str, scratch: Path, rounds: int) -> dict:
     events: list[int] = []
 
     def with_progress() -> None:
-        reporter = JobReporter(connection, f"bench-download-{uuid.uuid4().hex}", 60)
+        reporter = JobReporter(connection, RedisClock(connection), f"bench-download-{uuid.uuid4().hex}", 60)
         count = 0
 
         def emit(event) -> None:

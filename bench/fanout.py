@@ -126,14 +126,16 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
     import redis
 
     from shared import keys
+    from shared.clock import RedisClock
     from shared.events import Token
     from worker.reporter import JobReporter
     from worker.step_writer import StepWriter
 
     connection = redis.Redis.from_url(redis_url)
+    clock = RedisClock(connection)
     writer = StepWriter(connection)
     waiting = (keys.queued(QUEUE), keys.queued_for_model(QUEUE, MODEL))
-    reporters = [JobReporter(connection, job_id, 3600, unqueue=waiting) for job_id in job_ids]
+    reporters = [JobReporter(connection, clock, job_id, 3600, unqueue=waiting) for job_id in job_ids]
     # No lease: this producer renews none, and the hive's reaper would fail the jobs.
     connection.zrem(keys.RUNNING, *job_ids)
     sent = 0

@@ -47,11 +47,12 @@ def load_with_progress(folder: Path, connection) -> float:
     """Seconds for the worker's loader, each layer reported as the worker reports it."""
     import torch
 
+    from shared.clock import RedisClock
     from shared.events import Loading
     from worker.loader import load_layer_by_layer
     from worker.reporter import JobReporter
 
-    reporter = JobReporter(connection, f"bench-load-{uuid.uuid4().hex}", 60)
+    reporter = JobReporter(connection, RedisClock(connection), f"bench-load-{uuid.uuid4().hex}", 60)
     events = []
 
     def on_layer(p):

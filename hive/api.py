@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from pydantic import ValidationError
 from rq import Worker
@@ -169,7 +168,7 @@ async def health(request: Request) -> Response:
         await hive.jobs.redis.ping()
         # Workers: the live `hive worker` processes (heartbeats); slots: RQ's
         # workers, one per job a worker can run at once (worker/slots.py).
-        workers = await hive.jobs.redis.zcount(keys.workers(hive.jobs.queue.name), time.time() - keys.WORKER_DEAD_AFTER_S, "+inf")
+        workers = await hive.jobs.redis.zcount(keys.workers(hive.jobs.queue.name), hive.jobs.clock.now() - keys.WORKER_DEAD_AFTER_S, "+inf")
         slots = await run_in_threadpool(Worker.count, queue=hive.jobs.queue)
         depth = await run_in_threadpool(lambda: hive.jobs.queue.count)
     except Exception as e:  # health reports, it does not raise

@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from shared.clock import RedisClock
 from shared.connections import async_client, sync_client, wait_for_redis
 from shared.settings import Settings
 
@@ -73,14 +74,17 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         relay = EventRelay(relay_connection)
         # Started before Redis answers, the hive serves anyway (/health: 503) and says what it waits for.
         await relay.start(lambda: anyio.to_thread.run_sync(wait_for_redis, sync_connection, settings.redis_url, "hive", log))
+        # Redis's clock, which the workers keep time by too (measured as soon as Redis answers).
+        clock = RedisClock(sync_connection)
+        clock.start()
         metrics = app_metrics(app)
-        jobs = JobService(settings, connection, sync_connection, on_end=metrics.job_ended)
+        jobs = JobService(settings, connection, sync_connection, clock, on_end=metrics.job_ended)
         reaper = Reaper(connection, jobs)
         reaper.start()
         stalls = StallWatchdog()
         stalls.start()
-        fleet = Fleet(connection, settings.queue, str(hub.cache.root) if hub is not None else None)
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings), fleet, stalls)
+        fleet = Fleet(connection, clock, settings.queue, str(hub.cache.root) if hub is not None else None)
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls)
         log.info("hive ready: %r", settings)
         try:
             yield
@@ -88,6 +92,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
             await reaper.stop()
             await stalls.stop()
             await relay.stop()
+            await anyio.to_thread.run_sync(clock.stop)
             await relay_connection.aclose()
             await connection.aclose()
             sync_connection.close()

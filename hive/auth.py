@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
 
+from shared.clock import RedisClock
 from shared.settings import Settings
 
 from .errors import ApiError
@@ -50,7 +50,9 @@ def read_keys(value: str) -> tuple[str, ...]:
 
 
 class Auth:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, clock: RedisClock):
+        """``clock``: a token's expiry, checked by whichever hive the stream reaches."""
+        self._clock = clock
         self._keys = [(k.encode(), False) for k in settings.api_keys] + [(k.encode(), True) for k in settings.admin_keys]
         self.enabled = bool(self._keys)
         # Derived from the keys: every hive with the same keys accepts the same tokens.
@@ -77,11 +79,11 @@ class Auth:
         return hmac.new(self._secret, f"{job_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def stream_token(self, job_id: str) -> str:
-        expires = int(time.time()) + STREAM_TOKEN_TTL_S
+        expires = int(self._clock.now()) + STREAM_TOKEN_TTL_S
         return f"{expires}.{self._sign(job_id, expires)}"
 
     def valid_stream_token(self, job_id: str, token: str) -> bool:
         expires, _, signature = token.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        if not expires.isdigit() or int(expires) < self._clock.now():
             return False
         return hmac.compare_digest(signature, self._sign(job_id, int(expires)))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
 from shared import keys
+from shared.clock import RedisClock
 
 _NUMBERS = ("memory_total", "memory_free", "memory_budget", "memory_used")
 
@@ -50,15 +50,16 @@ def _cache_repos(cache_dir: str) -> list:
 
 
 class Fleet:
-    def __init__(self, connection: aioredis.Redis, queue: str, hub_cache: str | None = None):
+    def __init__(self, connection: aioredis.Redis, clock: RedisClock, queue: str, hub_cache: str | None = None):
         """``hub_cache``: the cache the hive's ``/hub`` mirror serves, if it has one."""
         self.redis = connection
+        self.clock = clock
         self.queue = queue
         self.hub_cache = hub_cache
 
     async def workers(self, with_jobs: bool) -> list[dict]:
-        """Live workers: a heartbeat within WORKER_DEAD_AFTER_S."""
-        names = await self.redis.zrangebyscore(keys.workers(self.queue), time.time() - keys.WORKER_DEAD_AFTER_S, "+inf")
+        """Live workers: a heartbeat within WORKER_DEAD_AFTER_S (by Redis's clock, as the heartbeats)."""
+        names = await self.redis.zrangebyscore(keys.workers(self.queue), self.clock.now() - keys.WORKER_DEAD_AFTER_S, "+inf")
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(keys.worker(name))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 
 import redis
@@ -19,6 +18,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from shared import events, jobs, keys
+from shared.clock import RedisClock
 from shared.events import Error, Queued, Retry, Token
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
@@ -66,16 +66,19 @@ class JobService:
         settings: Settings,
         connection: aioredis.Redis,
         sync_connection: redis.Redis,
+        clock: RedisClock,
         on_end: Callable[[str, str, str], None] = lambda kind, outcome, code: None,
     ):
         """``on_end(kind, outcome, code)``: a job the hive itself ended (metrics).
         Submits run on the event loop (``connection``); the reaper's sweeps, in the
-        thread pool, use ``sync_connection``, as RQ is synchronous."""
+        thread pool, use ``sync_connection``, as RQ is synchronous. ``clock``: every
+        time written or compared (Redis's: workers and other hives write them too)."""
         self.settings = settings
+        self.clock = clock
         self.on_end = on_end
         self.redis = connection
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
-        self._submitter = Submitter(settings, connection, self.queue.connection)
+        self._submitter = Submitter(settings, connection, self.queue.connection, clock)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
@@ -91,7 +94,7 @@ class JobService:
         ``rq_queue`` carries it."""
         ttl = self.settings.job_ttl_s
         for key in (keys.queued(cluster_queue), keys.queued_for_model(cluster_queue, spec["model"])):
-            pipe.zadd(key, {job_id: time.time()})
+            pipe.zadd(key, {job_id: self.clock.now()})
             pipe.expire(key, ttl)
         rq_queue.enqueue_call(
             jobs.TASKS[kind],
@@ -130,7 +133,7 @@ class JobService:
 
         fields = {
             jobs.STATE: state.value,
-            jobs.FINISHED_AT: str(time.time()),
+            jobs.FINISHED_AT: str(self.clock.now()),
             jobs.ERROR_CODE: error.code,
             jobs.ERROR_MESSAGE: error.message,
         }
@@ -217,7 +220,7 @@ class JobService:
     def expire_waiting(self) -> int:
         """Ends with TIMEOUT the jobs that waited longer than max_queue_wait_s."""
         connection = self.queue.connection
-        cutoff = time.time() - self.settings.max_queue_wait_s
+        cutoff = self.clock.now() - self.settings.max_queue_wait_s
         ended = 0
         for raw_id in connection.zrangebyscore(keys.queued(self.queue.name), 0, cutoff):
             job_id = raw_id.decode()
@@ -238,7 +241,7 @@ class JobService:
         worker in the instant it was declared dead is still found."""
         connection = self.queue.connection
         shared = self.queue.name
-        now = time.time()
+        now = self.clock.now()
         beats = {name.decode(): beat for name, beat in connection.zrange(keys.workers(shared), 0, -1, withscores=True)}
         for name, beat in beats.items():
             if beat < now - keys.WORKER_DEAD_AFTER_S:

@@ -23,7 +23,6 @@ several apps in one process (tests) do not collide.
 from __future__ import annotations
 
 import logging
-import time
 
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector
@@ -76,7 +75,7 @@ class HiveMetrics:
         self._queue = queue = hive.settings.queue
         connection = hive.jobs.redis
         try:
-            names = await connection.zrangebyscore(keys.workers(queue), time.time() - keys.WORKER_DEAD_AFTER_S, "+inf")
+            names = await connection.zrangebyscore(keys.workers(queue), hive.jobs.clock.now() - keys.WORKER_DEAD_AFTER_S, "+inf")
             async with connection.pipeline(transaction=False) as pipe:
                 pipe.llen(_rq_key(queue))
                 for name in names:

@@ -5,13 +5,14 @@ own queue of a worker that will not take them soon: no job stays "running" or
 Workers hold a lease on the job they run (``keys.RUNNING``, renewed every second).
 Every hive looks once a second for leases past their deadline; the one whose
 ZREM succeeds owns that job and retries it or ends it (JobService.worker_lost).
+Deadlines and "now" are both on Redis's clock (shared/clock.py): a worker's host
+clock may be off by seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -48,13 +49,13 @@ class Reaper:
         moved = await run_in_threadpool(self.jobs.hand_on_stranded)
         if moved:
             log.info("%d jobs moved from a busy or dead worker's own queue to the shared queue", moved)
-        for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, time.time()):
+        for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, self.jobs.clock.now()):
             if await self.redis.zrem(keys.RUNNING, job_id):  # this hive claimed it
                 try:
                     outcome = await run_in_threadpool(self.jobs.worker_lost, job_id)
                 except Exception:
                     # Put it back: the next period (of any hive) tries again.
-                    await self.redis.zadd(keys.RUNNING, {job_id: time.time()})
+                    await self.redis.zadd(keys.RUNNING, {job_id: self.jobs.clock.now()})
                     raise
                 log.warning("job %s: its worker stopped renewing its lease; %s", job_id, outcome)
 
@@ -65,6 +66,7 @@ class Reaper:
                 await self.reap_once()
                 if redis_away:
                     log.warning("reaper: Redis answers again")
+                    self.jobs.clock.remeasure()  # maybe another master, with another clock
                     redis_away = False
             except asyncio.CancelledError:
                 raise

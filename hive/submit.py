@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import time
 import uuid
 
 import redis
@@ -29,6 +28,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from shared import events, jobs, keys
+from shared.clock import RedisClock
 from shared.events import Queued
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
@@ -155,10 +155,12 @@ _QUEUED_HEAD, _QUEUED_TAIL = Queued(-1).to_json().split("-1")
 
 
 class Submitter:
-    def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis):
+    def __init__(self, settings: Settings, connection: aioredis.Redis, sync_connection: redis.Redis, clock: RedisClock):
         """``sync_connection``: only for RQ's ``Job.create``, which wants one and
-        sends nothing."""
+        sends nothing. ``clock``: the submit time and the workers' liveness cut-off,
+        on the clock their heartbeats are on."""
         self.settings = settings
+        self.clock = clock
         self._sync_connection = sync_connection
         self._redis = connection
         self._submit = connection.register_script(_SUBMIT)
@@ -171,7 +173,7 @@ class Submitter:
         job_id = uuid.uuid4().hex
         kind = "pull" if isinstance(request, PullRequest) else "inference"
         queue, model = self.settings.queue, request.model
-        now = time.time()
+        now = self.clock.now()
         record = {
             jobs.SPEC: request.model_dump_json(),
             jobs.STATE: JobState.queued.value,

@@ -5,8 +5,6 @@ RQ keeps its own keys under ``rq:``; only the queue *names* are ours.
 
 from __future__ import annotations
 
-import time
-
 PREFIX = "hive"
 
 #: Job records and replay logs live this long after their last write (seconds).
@@ -56,14 +54,15 @@ def jobs_index(queue: str) -> str:
 #: Sorted set of running jobs, scored by the time their worker's lease runs out.
 #: Workers renew the lease every LEASE_RENEW_S; a hive that finds a lease older than
 #: LEASE_S treats the worker as lost. Emptied as jobs end (and refreshed with JOB_TTL_S).
+#: Every time in Hive's keys is on Redis's clock (shared/clock.py), whichever host wrote it.
 RUNNING = f"{PREFIX}:running"
 LEASE_S = 5.0
 LEASE_RENEW_S = 1.0
 
 
-def lease_deadline() -> float:
-    """The score of a lease granted or renewed now."""
-    return time.time() + LEASE_S
+def lease_deadline(now: float) -> float:
+    """The score of a lease granted or renewed at ``now`` (Redis's clock)."""
+    return now + LEASE_S
 
 
 def job_channel(job_id: str) -> str:
@@ -85,7 +84,7 @@ WORKER_DEAD_AFTER_S = 3 * HEARTBEAT_S
 
 def workers(queue: str) -> str:
     """Sorted set: the workers serving ``queue``, scored by their last heartbeat
-    (Unix seconds); the hive drops those silent for WORKER_DEAD_AFTER_S."""
+    (Unix seconds, Redis's clock); the hive drops those silent for WORKER_DEAD_AFTER_S."""
     return f"{PREFIX}:workers:{queue}"
 
 

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from hive.relay import OUTAGE_GRACE_S
+from shared.clock import RedisClock
 from shared.events import End
 from tests import processes
 from tests.redis_proxy import RedisProxy
@@ -72,7 +73,7 @@ def test_hive_survives_a_redis_restart(log_dir):
         reader.start()
         processes.wait_until(lambda: processes.health(url)["followers"] == 1, 10, "follower")
         connection = redis.Redis(port=port)
-        JobReporter(connection, job["job_id"], 60).emit(End(0, 0.0, 0.0, "eos"))
+        JobReporter(connection, RedisClock(connection), job["job_id"], 60).emit(End(0, 0.0, 0.0, "eos"))
         sent_at = time.monotonic()
         reader.join(20)
         assert [r.event for r in result["events"]][-2:] == ["end", "message"] and result["events"][-1].done

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from hive import relay as relay_module
 from hive.relay import EventRelay
 from shared import keys
+from shared.clock import RedisClock
 from shared.events import DONE_FRAME, End, Queued, Token
 from worker.reporter import JobReporter
 from worker.step_writer import StepWriter
@@ -30,7 +31,7 @@ async def _follow_while_publishing(redis_url: str, followers: int, tokens: int) 
     await relay.start()
     job_id = uuid.uuid4().hex
     sync = redis.Redis.from_url(redis_url)
-    reporter = JobReporter(sync, job_id, 60)
+    reporter = JobReporter(sync, RedisClock(sync), job_id, 60)
     reporter.emit(Queued(1))
     streams = [relay.follow(job_id) for _ in range(followers)]
     received: list[list[bytes]] = [[await anext(s)] for s in streams]  # each has joined
@@ -70,7 +71,7 @@ def test_a_quiet_follower_catches_up_from_the_log_what_pub_sub_never_delivered(r
         await relay.start()
         job_id = uuid.uuid4().hex
         sync = redis.Redis.from_url(redis_url)
-        JobReporter(sync, job_id, 60).emit(Queued(1))
+        JobReporter(sync, RedisClock(sync), job_id, 60).emit(Queued(1))
         stream = relay.follow(job_id)
         frames = [await anext(stream)]
         for seq, event in ((2, Token("lost", 0)), (3, End(1, 1.0, 1.0, "max_tokens"))):
@@ -87,7 +88,7 @@ def test_a_quiet_follower_catches_up_from_the_log_what_pub_sub_never_delivered(r
 
 def test_a_token_redis_refused_fails_the_next_step_and_the_connection_goes_back(redis_url):
     sync = redis.Redis.from_url(redis_url)
-    reporter = JobReporter(sync, uuid.uuid4().hex, 60)
+    reporter = JobReporter(sync, RedisClock(sync), uuid.uuid4().hex, 60)
     reporter.emit(Queued(1))
     writer = StepWriter(sync)
     writer.send(reporter.token_commands(Token("a", 0)))

@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 from hive.jobs import JobService
 from hive.submit import QueueFull
 from shared import jobs, keys
+from shared.clock import RedisClock
 from shared.connections import async_client
 from shared.settings import Settings
 from shared.spec import InferenceRequest, PullRequest
@@ -32,10 +33,14 @@ TIMESTAMPS = {b"created_at", b"enqueued_at"}
 def submit(redis_url: str, settings: Settings, request) -> tuple[str, int]:
     async def run():
         connection = async_client(redis_url, decode_responses=True)
+        sync_connection = redis.Redis.from_url(redis_url)
+        clock = RedisClock(sync_connection)
+        clock.measure()
         try:
-            return await JobService(settings, connection, redis.Redis.from_url(redis_url)).submit(request, "owner")
+            return await JobService(settings, connection, sync_connection, clock).submit(request, "owner")
         finally:
             await connection.aclose()
+            sync_connection.close()
 
     return asyncio.run(run())
 

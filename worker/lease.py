@@ -17,6 +17,7 @@ import time
 import redis
 
 from shared import keys
+from shared.clock import RedisClock
 
 from .running import RunningJob, RunningJobs
 
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class LeaseRenewal:
-    def __init__(self, connection: redis.Redis, running: RunningJobs, ttl_s: int):
+    def __init__(self, connection: redis.Redis, clock: RedisClock, running: RunningJobs, ttl_s: int):
         self._redis = connection
+        self._clock = clock  # the hive's reaper compares the deadlines with its own reading of it
         self._running = running
         self._ttl_s = ttl_s
         self._thread = threading.Thread(target=self._renew_forever, name="hive-lease", daemon=True)
@@ -33,7 +35,7 @@ class LeaseRenewal:
 
     def reclaim(self, job: RunningJob) -> bool:
         """After an outage: whether the job is still this worker's, renewing it if so."""
-        if self._redis.zadd(keys.RUNNING, {job.job_id: keys.lease_deadline()}, xx=True, ch=True):
+        if self._redis.zadd(keys.RUNNING, {job.job_id: keys.lease_deadline(self._clock.now())}, xx=True, ch=True):
             return True
         job.lost.set()
         return False
@@ -44,7 +46,7 @@ class LeaseRenewal:
         held = [job for job in self._running.all() if job.reporter is not None and not job.released]
         if not held:
             return
-        deadline = keys.lease_deadline()
+        deadline = keys.lease_deadline(self._clock.now())
         with self._redis.pipeline(transaction=False) as pipe:
             for job in held:
                 # XX: never re-grant a lease the job gave back or a reaper took.

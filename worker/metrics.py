@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 from shared import jobs, keys
@@ -106,7 +104,7 @@ class WorkerMetrics:
     def admitted(self, job) -> None:
         created_at = getattr(job.reporter, "created_at", None)
         if created_at:
-            self.slot_wait.observe(max(0.0, time.time() - created_at))
+            self.slot_wait.observe(max(0.0, job.reporter.clock.now() - created_at))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Serves ``/metrics`` on ``host:port`` from a daemon thread."""
@@ -148,7 +146,7 @@ class MeasuredReporter(JobReporter):
         self.created_at = float(created_at) if created_at else None
         picked_at = kwargs.get(jobs.PICKED_AT)
         if picked_at is not None and created_at:
-            # Two clocks (the hive's and this machine's): keep them in sync (NTP).
+            # Both on Redis's clock, whichever hosts took them.
             metrics.queue_wait.observe(max(0.0, float(picked_at) - float(created_at)))
 
     def finish(self, final_event: Event, state: JobState, **fields) -> None:

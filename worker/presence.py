@@ -24,6 +24,7 @@ import redis
 from rq import Queue as RQQueue
 
 from shared import keys
+from shared.clock import RedisClock
 
 from .download_lock import lock_dir, lock_name
 from .models import ModelCache, device_memory
@@ -54,14 +55,15 @@ def cached_models() -> list[dict]:
 
 
 class Presence:
-    def __init__(self, connection: redis.Redis, name: str, queue: str, models: ModelCache, ttl_s: int, running: RunningJobs):
+    def __init__(self, connection: redis.Redis, clock: RedisClock, name: str, queue: str, models: ModelCache, ttl_s: int, running: RunningJobs):
         self.redis = connection
+        self.clock = clock  # heartbeats are compared with the hive's reading of it
         self.running = running
         self.name = name
         self.queue = queue
         self.models = models
         self.ttl_s = ttl_s
-        self.started_at = time.time()
+        self.started_at = clock.now()
         self._shared_key = RQQueue(queue, connection=connection).key
         self._cached = json.dumps(cached_models())
         self._cache_changed = False
@@ -130,7 +132,7 @@ class Presence:
         cached = json.dumps(cached_models()) if rescan else self._cached  # a walk of the cache: not after a warm job
         with self._lock:
             self._cached = cached
-        now = time.time()
+        now = self.clock.now()
         backlog = self.redis.llen(self._shared_key)
         with self.redis.pipeline(transaction=False) as pipe:
             for m in [] if backlog else self.models.kept():
@@ -187,7 +189,7 @@ class Presence:
         figures = [device_memory(d) for d in self.models.devices]
         free, total = sum(f for f, _ in figures), sum(t for _, t in figures)
         held = self.models.held()
-        now = time.time()
+        now = self.clock.now()
         pipe.hset(
             keys.worker(self.name),
             mapping={
@@ -226,10 +228,16 @@ class Presence:
             pipe.execute()
 
     def _beat_forever(self) -> None:
+        failing = False
         while True:
             time.sleep(keys.HEARTBEAT_S)
             try:
                 self.models.unload_expired()
                 self.beat()
+                if failing:
+                    # Back after an outage, maybe on another master with another clock.
+                    self.clock.remeasure()
+                    failing = False
             except Exception as e:  # heartbeat loop boundary: Redis may be back next second
                 log.warning("heartbeat failed: %s", e)
+                failing = True

@@ -12,13 +12,13 @@ stream is written by the engine only, so every write stays in order.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import hiredis
 import redis
 
 from shared import events, jobs, keys
+from shared.clock import RedisClock
 from shared.events import Event, Token
 from shared.spec import JobState
 
@@ -33,6 +33,7 @@ class JobReporter:
     def __init__(
         self,
         connection: redis.Redis,
+        clock: RedisClock,
         job_id: str,
         ttl_s: int,
         unqueue: tuple[str, ...] = (),
@@ -43,6 +44,7 @@ class JobReporter:
         sorted sets of waiting jobs) in one round trip. ``before_finish`` runs just
         before the terminal event goes out."""
         self.redis = connection
+        self.clock = clock
         self._before_finish = before_finish
         self.job_id = job_id
         self.ttl_s = ttl_s
@@ -55,7 +57,7 @@ class JobReporter:
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
         pipe.expire(self._log_key, ttl_s)
-        pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline()})  # the lease, renewed by LeaseRenewal
+        pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline(clock.now())})  # the lease, renewed by LeaseRenewal
         pipe.expire(keys.RUNNING, ttl_s)
         for key in unqueue:
             pipe.zrem(key, job_id)
@@ -101,7 +103,7 @@ class JobReporter:
         self._before_finish()
         # The record is final before the event is out: a client that reads the
         # status on `end` sees the job completed.
-        self.emit(final_event, state, **{jobs.FINISHED_AT: time.time(), **fields})
+        self.emit(final_event, state, **{jobs.FINISHED_AT: self.clock.now(), **fields})
         pipe = self.redis.pipeline(transaction=False)
         pipe.expire(self._log_key, self.ttl_s)
         pipe.expire(keys.job(self.job_id), self.ttl_s)

@@ -24,6 +24,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from shared import jobs, keys
+from shared.clock import RedisClock
 from shared.connections import takes_writes
 from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
@@ -42,6 +43,8 @@ from .sequence import SamplingParams, Sequence, eos_ids
 log = logging.getLogger(__name__)
 
 OUTAGE_POLL_S = 0.5
+#: How long start-up waits for the first reading of Redis's clock.
+CLOCK_WAIT_S = 10.0
 #: How often a job's thread wakes while the engine runs its job: RQ's timeout
 #: (TimerDeathPenalty) raises in this thread, and only between Python bytecodes.
 WAIT_POLL_S = 0.2
@@ -96,14 +99,18 @@ class WorkerRuntime:
         self.name = settings.worker_name or f"{socket.gethostname()}:{placement}:{os.getpid()}"
         self.max_batch = settings.max_batch or default_max_batch(self.device)
         self.redis = connection = connect(self.max_batch)
+        #: Every time this worker writes to Redis (the hive compares them with its own),
+        #: measured before the first lease or heartbeat (Redis has just answered).
+        self.clock = RedisClock(connection)
+        self.clock.start(wait_s=CLOCK_WAIT_S)
         self.models = ModelCache(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
         self.models.kv_reserved = self._kv_bytes
         self.running = RunningJobs(self.max_batch)
         self.cancels = CancelListener(connection, self.running)
-        self.leases = LeaseRenewal(connection, self.running, settings.job_ttl_s)
+        self.leases = LeaseRenewal(connection, self.clock, self.running, settings.job_ttl_s)
         self.metrics = WorkerMetrics(self.name, placement, settings.queue)
         self.metrics.capacity.set(self.max_batch)
-        self.presence = Presence(connection, self.name, settings.queue, self.models, settings.job_ttl_s, self.running)
+        self.presence = Presence(connection, self.clock, self.name, settings.queue, self.models, settings.job_ttl_s, self.running)
         self._engines: dict[tuple[str, str | None], Engine] = {}
         self._engines_lock = threading.Lock()
         # An engine stops with its model (evicted, or keep-alive over).
@@ -154,11 +161,12 @@ class WorkerRuntime:
             job.reporter = MeasuredReporter(
                 self.metrics,
                 self.redis,
+                self.clock,
                 job_id,
                 self.settings.job_ttl_s,
                 unqueue=(keys.queued(queue), keys.queued_for_model(queue, job.model)),
                 before_finish=lambda: self._going_idle(job),
-                **{jobs.WORKER: self.name, jobs.PICKED_AT: time.time()},
+                **{jobs.WORKER: self.name, jobs.PICKED_AT: self.clock.now()},
             )
             if job.reporter.cancelled_before_start:
                 job.cancelled.set()
@@ -231,7 +239,7 @@ class WorkerRuntime:
         message = f"the worker lost its connection to Redis mid-job for {outage_s:.1f} s"
         log.warning("job %s: Redis is back after %.1f s; ending the job with REDIS_UNAVAILABLE", job.job_id, outage_s)
         # A fresh reporter re-reads where the log stands: some events may not have made it.
-        reporter = MeasuredReporter(self.metrics, self.redis, job.job_id, self.settings.job_ttl_s)
+        reporter = MeasuredReporter(self.metrics, self.redis, self.clock, job.job_id, self.settings.job_ttl_s)
         if job.reporter is not None:
             # Never an id already used: after a failover the log may lack events its
             # followers have seen (the hive marks the hole with a `gap` event).
@@ -302,7 +310,7 @@ class WorkerRuntime:
         job.sequence = Sequence(loaded.model, loaded.tokenizer, prompt_ids, params, eos_ids(loaded.model, loaded.tokenizer))
         engine = self.engine_for(loaded)
         engine.check_fits_alone(job)  # before `started`: a job that can never fit fails now
-        started_at = time.time()
+        started_at = self.clock.now()
         reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
         job.phase = "waiting"
         engine.submit(job)
