@@ -38,7 +38,7 @@ from tests.tiny_models import build_model
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog. " * 4, "Hello"]
 
 
-def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, models: Path, work: Path) -> dict:
+def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, models: Path, work: Path, min_replicas: int = 1) -> dict:
     log_dir = work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     hub_proc, hub_url = processes.start_hub(models, log_dir)
@@ -48,7 +48,11 @@ def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, mo
         cluster.start()
         port = processes.free_port()
         url = f"http://127.0.0.1:{port}"
-        hive = processes.start("hive", processes.hive_command("serve", "--redis-url", cluster.url, "--port", str(port)), log_dir)
+        hive = processes.start(
+            "hive",
+            processes.hive_command("serve", "--redis-url", cluster.url, "--port", str(port), "--redis-min-replicas", str(min_replicas)),
+            log_dir,
+        )
         worker = processes.start(
             "worker",
             processes.hive_command(
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=600, help="the longest job's max_tokens (others: 1/2, 1/3 of it)")
     parser.add_argument("--modes", default="kill,sentinel")
+    parser.add_argument("--min-replicas", type=int, default=1, help="the hive's --redis-min-replicas (of the 2 replicas)")
     parser.add_argument("--token-delay-ms", type=float, default=10.0, help="the worker's pause after each step, so jobs outlast the failover")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -141,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
             for n in range(args.rounds):
                 work = root / f"{mode}-{n}"
                 work.mkdir()
-                rounds.append(one_round(mode, args.jobs, args.max_batch, args.tokens, args.token_delay_ms, root / "models", work))
+                rounds.append(one_round(mode, args.jobs, args.max_batch, args.tokens, args.token_delay_ms, root / "models", work, args.min_replicas))
                 print(mode, rounds[-1], flush=True)
             rows.append((mode, rounds))
     command = (
         f"python -m bench.failover --rounds {args.rounds} --jobs {args.jobs} --max-batch {args.max_batch} "
-        f"--tokens {args.tokens} --token-delay-ms {args.token_delay_ms:g} --modes {args.modes}"
+        f"--tokens {args.tokens} --token-delay-ms {args.token_delay_ms:g} --modes {args.modes} --min-replicas {args.min_replicas}"
     )
     table = ["| figure | " + " | ".join(mode for mode, _ in rows) + " |", "| --- |" + " --- |" * len(rows)]
     for label, key, fmt in (
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     alive = all(r["worker_alive"] for _, rounds in rows for r in rounds)
     from bench.relay import machine
 
-    section = f"""## Failover
+    section = f"""## Failover, --redis-min-replicas {args.min_replicas}
 
 Command: `{command}`. Machine: {machine()}.
 Measured {time.strftime('%Y-%m-%d')}.
@@ -176,7 +181,7 @@ The worker process lived through every round: {'yes' if alive else 'NO'}.
 """
     print(section)
     if not args.no_write:
-        replace_section("Failover", section)
+        replace_section(f"Failover, --redis-min-replicas {args.min_replicas}", section)
 
 
 if __name__ == "__main__":

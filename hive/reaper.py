@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -25,6 +27,9 @@ from .jobs import JobService
 log = logging.getLogger("hive.reaper")
 
 PERIOD_S = 1.0
+#: After Redis was away, how long leases are left alone: a renewal period or two more
+#: than a lease, so that every live worker has renewed.
+LEASE_GRACE_S = keys.LEASE_S + 2 * keys.LEASE_RENEW_S
 
 
 class Reaper:
@@ -41,7 +46,8 @@ class Reaper:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def reap_once(self) -> None:
+    async def reap_once(self, leases: bool = True) -> None:
+        """``leases``: also end the jobs whose lease ran out (not right after an outage)."""
         timed_out = await run_in_threadpool(self.jobs.expire_waiting)
         if timed_out:
             log.warning("%d jobs waited past the queue-wait limit: ended with TIMEOUT", timed_out)
@@ -49,6 +55,8 @@ class Reaper:
         moved = await run_in_threadpool(self.jobs.hand_on_stranded)
         if moved:
             log.info("%d jobs moved from a busy or dead worker's own queue to the shared queue", moved)
+        if not leases:
+            return
         for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, self.jobs.clock.now()):
             if await self.redis.zrem(keys.RUNNING, job_id):  # this hive claimed it
                 try:
@@ -61,12 +69,17 @@ class Reaper:
 
     async def _run_forever(self) -> None:
         redis_away = False
+        # While Redis refuses writes (an outage, a new master waiting for a replica to
+        # resync), no worker can renew a lease: once it takes writes again, every worker
+        # gets a whole lease period to renew before its jobs count as lost.
+        leases_from = 0.0
         while True:
             try:
-                await self.reap_once()
+                await self.reap_once(leases=time.monotonic() >= leases_from)
                 if redis_away:
                     log.warning("reaper: Redis answers again")
                     self.jobs.clock.remeasure()  # maybe another master, with another clock
+                    leases_from = time.monotonic() + LEASE_GRACE_S
                     redis_away = False
             except asyncio.CancelledError:
                 raise
@@ -75,6 +88,7 @@ class Reaper:
                 if not redis_away:
                     log.warning("reaper: Redis unavailable (%s); looking again every %.0f s", e, PERIOD_S)
                     redis_away = True
+                leases_from = math.inf
             except Exception:  # reaper loop boundary: log and look again next period
                 log.exception("looking for lost workers failed")
             await asyncio.sleep(PERIOD_S)

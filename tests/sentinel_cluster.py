@@ -60,7 +60,7 @@ class SentinelCluster:
         command = [
             _exe(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir), "--save", "",
             "--appendonly", "yes", "--maxmemory-policy", "noeviction",
-            "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
+            "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10", "--repl-diskless-sync-delay", "0",
         ]
         if replica_of is not None:
             command += ["--replicaof", "127.0.0.1", str(replica_of)]

@@ -444,6 +444,7 @@ def test_the_ha_override_runs_sentinel_with_replicas_and_points_hive_at_it(varia
         # Any node may be promoted: each refuses writes without an in-sync replica, keeps an
         # append-only file on a volume of its own, never evicts, and announces its name.
         assert flags["min-replicas-to-write"] == "1" and flags["min-replicas-max-lag"] == "10", name
+        assert flags["repl-diskless-sync-delay"] == "0", name  # a resyncing replica is served at once
         assert flags["appendonly"] == "yes" and flags["maxmemory-policy"] == "noeviction", name
         assert flags["replica-announce-ip"] == name and mounts(services[name])[flags["dir"]] == f"{name}-data"
     assert "replicaof" not in nodes["redis"]
