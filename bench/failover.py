@@ -72,6 +72,7 @@ def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, mo
         threads = [threading.Thread(target=lambda j=j: results.update({j["job_id"]: follow(url, j["sse_url"], timeout=120)})) for j in submitted]
         for thread in threads:
             thread.start()
+        processes.wait_until(lambda: processes.health(url)["followers"] >= jobs, 30, "every stream open", (hive,))
         with redis.Redis(port=cluster.master_port()) as client:
             first = submitted[-1]["job_id"]
             processes.wait_until(lambda: client.xlen(f"hive:job:{first}:events") >= 10, 60, "every job generating", (worker,))

@@ -20,7 +20,7 @@ from .errors import ApiError
 from .jobs import JobFinished, JobNotFound
 from .openapi import openapi_schema
 from .sse import JobEventStream
-from .submit import QueueFull
+from .admission import admit, answered
 
 SHUTDOWN_GRACE_S = 2.0
 
@@ -89,16 +89,15 @@ async def accept_job(request: Request, spec_type: type[InferenceRequest] | type[
         spec = spec_type.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from e
-    try:
-        job_id, position = await hive.jobs.submit(spec, principal.owner)
-    except QueueFull as e:
-        raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
+    submitted, headers, idempotency_key = await admit(request, spec, body, principal.owner)
+    job_id = submitted.job_id
     urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)
-    return JSONResponse(
-        {"job_id": job_id, "state": "queued", "position": position, **urls},
-        status_code=202,
-        headers={"Location": urls["status_url"]},
-    )
+    answer = {"job_id": job_id, "state": "queued", "position": submitted.position, **urls}
+    if submitted.replayed:  # the first request's answer, as it was
+        answer = json.loads(submitted.response) if submitted.response else answer
+    else:
+        await answered(request, principal.owner, idempotency_key, answer)
+    return JSONResponse(answer, status_code=202, headers={"Location": answer["status_url"], **headers})
 
 
 async def submit_inference(request: Request) -> Response:

@@ -26,6 +26,7 @@ from .auth import Auth
 from .errors import EXCEPTION_HANDLERS
 from .fleet import Fleet
 from .jobs import JobService
+from .quotas import Quotas
 from .limits import HeaderLimit
 from .reaper import Reaper
 from .relay import EventRelay
@@ -44,6 +45,7 @@ class Hive:
     auth: Auth
     fleet: Fleet
     stalls: StallWatchdog
+    quotas: Quotas
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -66,6 +68,12 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         hub = PullThroughMirror(settings.hub_upstream, settings.hub_cache or constants.HF_HUB_CACHE)
         hub_routes = [Mount("/hub", app=hub.app())]
 
+    quotas = (
+        Quotas.from_file(settings.key_limits_file, settings.key_rate_per_min, settings.key_max_in_flight)
+        if settings.key_limits_file
+        else Quotas(settings.key_rate_per_min, settings.key_max_in_flight)
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         connection = async_client(settings.redis_url, decode_responses=True)
@@ -84,7 +92,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         stalls = StallWatchdog()
         stalls.start()
         fleet = Fleet(connection, clock, settings.queue, str(hub.cache.root) if hub is not None else None)
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls)
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls, quotas)
         log.info("hive ready: %r", settings)
         try:
             yield

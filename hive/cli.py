@@ -87,6 +87,11 @@ def serve(
     hub_upstream: Annotated[str, typer.Option(envvar="HIVE_HUB_UPSTREAM", help="The hub /hub pulls from on a miss.")] = "https://huggingface.co",
     hub_cache: Annotated[str, typer.Option(envvar="HIVE_HUB_CACHE", help="Hugging Face cache folder /hub serves and fills (default: HF_HUB_CACHE).", show_default=False)] = "",
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
+    key_rate_per_min: Annotated[float, typer.Option(envvar="HIVE_KEY_RATE_PER_MIN", min=0, help="Jobs each API key may create a minute (0: no limit).")] = 0.0,
+    key_max_in_flight: Annotated[int, typer.Option(envvar="HIVE_KEY_MAX_IN_FLIGHT", min=0, help="Jobs each API key may have queued or running (0: no limit).")] = 0,
+    key_limits: Annotated[
+        str, typer.Option(envvar="HIVE_KEY_LIMITS", help="JSON file of per-key limits and names (see the README).", show_default=False)
+    ] = "",
     redis_min_replicas: Annotated[
         Optional[int],
         typer.Option(
@@ -119,6 +124,13 @@ def serve(
         )
     if hub and not hub_upstream.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{hub_upstream!r} is not an http(s) URL", param_hint="--hub-upstream")
+    if key_limits:
+        from .quotas import LimitsFileError, Quotas
+
+        try:
+            Quotas.from_file(key_limits, key_rate_per_min, key_max_in_flight)
+        except LimitsFileError as e:
+            raise typer.BadParameter(str(e), param_hint="--key-limits") from None
     if redis_min_replicas is None:
         from shared.redis_url import is_sentinel
 
@@ -126,6 +138,9 @@ def serve(
     settings = Settings(
         redis_url=redis_url,
         redis_min_replicas=redis_min_replicas,
+        key_rate_per_min=key_rate_per_min,
+        key_max_in_flight=key_max_in_flight,
+        key_limits_file=key_limits,
         host=host,
         port=port,
         queue=queue,

@@ -23,7 +23,7 @@ from shared.events import Error, Queued, Retry, Token
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
 
-from .submit import Submitter
+from .submit import Admission, Submitted, Submitter
 
 log = logging.getLogger("hive.jobs")
 
@@ -81,9 +81,12 @@ class JobService:
         self._submitter = Submitter(settings, connection, self.queue.connection, clock)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
 
-    async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
-        """Returns (job id, queue position): see hive/submit.py."""
-        return await self._submitter.submit(request, owner)
+    async def submit(self, request: InferenceRequest | PullRequest, owner: str, admission: Admission = Admission()) -> Submitted:
+        """See hive/submit.py."""
+        return await self._submitter.submit(request, owner, admission)
+
+    async def idempotency_answered(self, owner: str, key: str, response: str) -> None:
+        await self._submitter.accepted(owner, key, response)
 
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.queue.connection, serializer=JSONSerializer)

@@ -37,7 +37,8 @@ from shared.spec import InferenceRequest
 from .api import SHUTDOWN_GRACE_S, read_json_body, validation_error
 from .errors import ApiError
 from .sse import JobEventStream
-from .submit import QueueFull
+from .admission import admit, answered
+from .submit import NotReplicated
 
 if TYPE_CHECKING:
     from .app import Hive
@@ -118,9 +119,13 @@ def openai_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callabl
         try:
             return await endpoint(request)
         except ApiError as e:
-            status = 400 if e.status == 422 else e.status
+            # 422 stays for an Idempotency-Key reused with another request (the IETF draft's).
+            status = 400 if e.status == 422 and e.code != "IDEMPOTENCY_KEY_REUSED" else e.status
             param = e.details[0].get("field") if e.details else None
             return JSONResponse(error_body(status, e.code, e.message, param, e.details), status, headers=e.headers)
+        except NotReplicated as e:
+            log.warning("%s %s: %s", request.method, request.url.path, e)
+            return JSONResponse(error_body(503, "REDIS_UNAVAILABLE", f"{e}; retry shortly"), 503, headers={"Retry-After": str(e.retry_after_s)})
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, e)
             message = "the queue backend (Redis) is unavailable; retry shortly"
@@ -350,12 +355,14 @@ async def answer(request: Request, params_type: type[CommonParams], flavour: Fla
     """Submits the job, then streams its chunks or waits for its end: both endpoints."""
     hive = request.app.state.hive
     principal = hive.auth.authenticate(request)
-    params, spec = parse(await read_json_body(request, hive.settings.max_body_bytes), params_type)
-    try:
-        job_id, _ = await hive.jobs.submit(spec, principal.owner)
-    except QueueFull as e:
-        raise ApiError(429, "QUEUE_FULL", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from None
-    headers = {"X-Hive-Job-Id": job_id}
+    body = await read_json_body(request, hive.settings.max_body_bytes)
+    params, spec = parse(body, params_type)
+    # A replayed Idempotency-Key follows the first request's job, from its start.
+    submitted, admit_headers, idempotency_key = await admit(request, spec, body, principal.owner, openai=True)
+    job_id = submitted.job_id
+    if not submitted.replayed:
+        await answered(request, principal.owner, idempotency_key, {"job_id": job_id})
+    headers = {"X-Hive-Job-Id": job_id, **admit_headers}
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         return JobEventStream(

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
@@ -33,6 +34,8 @@ from shared.events import Queued
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
 
+from .quotas import KeyLimits
+
 log = logging.getLogger("hive.submit")
 
 
@@ -42,12 +45,54 @@ class QueueFull(Exception):
     retry_after_s = 5
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a submit brings besides the job: its key's limits, and its
+    Idempotency-Key (hashed) with the hash of the request it came with."""
+
+    limits: KeyLimits = KeyLimits()
+    idempotency_key: str = ""
+    request_hash: str = ""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    position: int
+    #: The key's rate tokens left (when it has a rate) and its jobs in flight.
+    tokens_left: float = 0.0
+    in_flight: int = 0
+    #: An Idempotency-Key replay: the first request's stored response ("" if none).
+    replayed: bool = False
+    response: str = ""
+
+
+class KeyLimited(Exception):
+    """The key is past one of its limits (hive/quotas.py): nothing was written."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float, in_flight: int, tokens_left: float = 0.0):
+        super().__init__(message)
+        self.code, self.retry_after_s, self.in_flight, self.tokens_left = code, retry_after_s, in_flight, tokens_left
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used with another request (``in_admission`` False), or
+    its first request is still being admitted (True): come back shortly."""
+
+    def __init__(self, job_id: str, in_admission: bool):
+        super().__init__(job_id)
+        self.job_id, self.in_admission = job_id, in_admission
+
+
 class NotReplicated(Exception):
     """The job did not reach enough replicas in time (``--redis-min-replicas``): it
     was withdrawn, so nothing of it stays behind. Come back shortly."""
 
     retry_after_s = 2
 
+
+#: Retry-After for a key at its jobs-in-flight limit: when one of them ends is unknown.
+CONCURRENCY_RETRY_S = 1.0
 
 #: How long a submit waits for replicas to acknowledge it (Redis's WAIT).
 REPLICA_WAIT_MS = 1000
@@ -71,9 +116,47 @@ REPLICA_WAIT_MS = 1000
 #
 # The keys of a worker's own queue and of RQ's job are built here from prefixes
 # (which worker is claimed is only known here): one Redis, not a cluster.
-# Returns {0, position, worker or ""}, or {1, waiting} / {2, waiting for the model}
-# when a depth limit is reached.
+# Per-key limits and the Idempotency-Key come as ARGV[23], a JSON object (Admission),
+# with their keys: KEYS[10] the key's jobs in flight, KEYS[11] its rate bucket,
+# KEYS[12] the idempotency record.
+# Returns {0, position, worker or "", rate tokens left, jobs in flight}, or
+# {1, waiting} / {2, waiting for the model} when a depth limit is reached,
+# {3, in flight} / {4, seconds until a token, in flight} when the key's limits are,
+# {5, job id, stored response} replaying an Idempotency-Key, {6, job id} when it was
+# used with another request, {7, job id} when that request is still in admission.
 _SUBMIT = """
+local control = cjson.decode(ARGV[23])
+local now = tonumber(ARGV[3])
+-- Idempotency-Key: the same key and body answer the same job (its stored response),
+-- a different body is refused, and a request still in admission asks to come back.
+if control.idem ~= '' then
+  local held = redis.call('HMGET', KEYS[12], 'hash', 'job_id', 'state', 'response')
+  if held[2] then
+    if held[1] ~= control.idem then return {6, held[2]} end
+    if held[3] ~= 'accepted' then return {7, held[2]} end
+    return {5, held[2], held[4] or ''}
+  end
+end
+-- Per-key limits, checked before anything is written: jobs in flight (the set drops
+-- the jobs that ended as it counts), then the create rate (a token bucket).
+local in_flight = 0
+if control.max_in_flight > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[10], 0, -1)) do
+    local state = redis.call('HGET', control.job_prefix .. id, 'state')
+    if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
+      redis.call('ZREM', KEYS[10], id)
+    end
+  end
+  in_flight = redis.call('ZCARD', KEYS[10])
+  if in_flight >= control.max_in_flight then return {3, in_flight} end
+end
+local tokens = 0
+if control.rate > 0 then
+  local bucket = redis.call('HMGET', KEYS[11], 'tokens', 'at')
+  local at = tonumber(bucket[2]) or now
+  tokens = math.min(control.burst, (tonumber(bucket[1]) or control.burst) + math.max(0, now - at) * control.rate)
+  if tokens < 1 then return {4, tostring((1 - tokens) / control.rate), in_flight} end
+end
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting >= tonumber(ARGV[1]) then return {1, waiting} end
 local for_model = redis.call('ZCARD', KEYS[2])
@@ -103,7 +186,7 @@ if ARGV[12] == '1' then
 end
 local rq_queue, position = ARGV[9], waiting + 1
 if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
-local now, ttl, job_id = tonumber(ARGV[3]), ARGV[7], ARGV[8]  -- ARGV[3] as sent for the scores
+local ttl, job_id = ARGV[7], ARGV[8]  -- ARGV[3] as sent for the scores
 -- The job's record (ARGV[19]) and RQ's hash (ARGV[20]) come as JSON objects of
 -- strings, RQ's binary fields as pairs after them: a few long arguments cost the
 -- hive far less to send than fifty short ones.
@@ -115,7 +198,7 @@ local function flat(object, into)
   return into
 end
 local record = flat(ARGV[19], {ARGV[15], rq_queue, ARGV[16], position})
-local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 23, #ARGV)})
+local rq_fields = flat(ARGV[20], {'origin', rq_queue, unpack(ARGV, 24, #ARGV)})
 redis.call('HSET', KEYS[5], unpack(record))
 redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('XADD', KEYS[6], ARGV[17], 'e', ARGV[18], 'd', ARGV[13] .. position .. ARGV[14])
@@ -130,7 +213,20 @@ end
 redis.call('HSET', KEYS[8], unpack(rq_fields))
 redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
 redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
-return {0, position, worker}
+if control.max_in_flight > 0 then
+  redis.call('ZADD', KEYS[10], ARGV[3], job_id)
+  redis.call('EXPIRE', KEYS[10], ttl)
+end
+if control.rate > 0 then
+  tokens = tokens - 1
+  redis.call('HSET', KEYS[11], 'tokens', tostring(tokens), 'at', ARGV[3])
+  redis.call('EXPIRE', KEYS[11], math.ceil(control.burst / control.rate) + 60)
+end
+if control.idem ~= '' then
+  redis.call('HSET', KEYS[12], 'hash', control.idem, 'job_id', job_id, 'state', control.idem_state)
+  redis.call('EXPIRE', KEYS[12], control.idem_ttl)
+end
+return {0, position, worker, tostring(tokens), in_flight + 1}
 """
 
 # Takes back a submit that did not reach enough replicas: everything the submit
@@ -144,6 +240,7 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 if ARGV[3] ~= '' and tonumber(redis.call('GET', ARGV[3]) or '0') > 0 then redis.call('DECR', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('DEL', ARGV[4]) end
 return 1
 """
 
@@ -166,8 +263,9 @@ class Submitter:
         self._submit = connection.register_script(_SUBMIT)
         self._withdraw = connection.register_script(_WITHDRAW)
 
-    async def submit(self, request: InferenceRequest | PullRequest, owner: str) -> tuple[str, int]:
-        """Returns (job id, queue position). A PullRequest downloads the model only.
+    async def submit(self, request: InferenceRequest | PullRequest, owner: str, admission: Admission = Admission()) -> Submitted:
+        """Submits the job; a PullRequest downloads the model only. Raises QueueFull,
+        KeyLimited, IdempotencyConflict or NotReplicated when it is not accepted.
 
         One round trip (the submit script); the hive holds nothing of the job."""
         job_id = uuid.uuid4().hex
@@ -197,7 +295,20 @@ class Submitter:
             keys.jobs_index(queue),
             Job.key_for(job_id),
             Queue.redis_queues_keys,
+            keys.key_in_flight(owner),
+            keys.key_rate(owner),
+            keys.idempotency(owner, admission.idempotency_key or "-"),
         ]
+        limits = admission.limits
+        control = {
+            "max_in_flight": limits.max_in_flight,
+            "rate": limits.rate_per_min / 60,
+            "burst": limits.burst,
+            "job_prefix": keys.job(""),
+            "idem": admission.request_hash if admission.idempotency_key else "",
+            "idem_state": "admitting",
+            "idem_ttl": keys.ADMISSION_TTL_S,
+        }
         script_args = [
             self.settings.max_queue,
             self.settings.max_queue_per_model,
@@ -222,13 +333,15 @@ class Submitter:
             json.dumps({k: v if isinstance(v, str) else str(v) for k, v in rq_job.items() if not isinstance(v, bytes)}),
             keys.worker_claims(""),
             keys.CLAIM_TTL_MS,
+            json.dumps(control),
             *itertools.chain.from_iterable((k, v) for k, v in rq_job.items() if isinstance(v, bytes)),
         ]
         replicas = self.settings.redis_min_replicas
         if replicas:
-            outcome = await self._submit_replicated(job_id, script_keys, script_args, replicas)
+            outcome = await self._submit_replicated(job_id, script_keys, script_args, replicas, bool(admission.idempotency_key))
         else:
             outcome = await self._run_submit(self._redis, script_keys, script_args)
+        outcome = [v.decode() if isinstance(v, bytes) else v for v in outcome]
         code, count = outcome[0], outcome[1]
         # Checked against the waiting sets as they are: a soft bound on memory and
         # waiting time, not a quota (jobs already taken by workers do not count).
@@ -236,14 +349,33 @@ class Submitter:
             raise QueueFull(f"{count} jobs are waiting (the limit is {self.settings.max_queue})")
         if code == 2:
             raise QueueFull(f"{count} jobs for {model} are waiting (the limit is {self.settings.max_queue_per_model})")
-        return job_id, count
+        if code == 3:
+            message = f"this API key has {count} jobs in flight, its limit; retry once one ends"
+            raise KeyLimited("CONCURRENCY_LIMIT", message, CONCURRENCY_RETRY_S, count)
+        if code == 4:
+            wait_s = float(count)
+            message = f"this API key may create {limits.rate_per_min:g} jobs a minute; retry in {wait_s:.1f} s"
+            raise KeyLimited("RATE_LIMITED", message, wait_s, int(outcome[2]))
+        if code == 5:
+            return Submitted(count, 0, replayed=True, response=outcome[2])
+        if code in (6, 7):
+            raise IdempotencyConflict(count, in_admission=code == 7)
+        return Submitted(job_id, count, float(outcome[3]), int(outcome[4]))
+
+    async def accepted(self, owner: str, idempotency_key: str, response: str) -> None:
+        """The answer to an Idempotency-Key's request is out: replays get it (24 h)."""
+        record = keys.idempotency(owner, idempotency_key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(record, mapping={"state": "accepted", "response": response})
+            pipe.expire(record, keys.IDEMPOTENCY_TTL_S)
+            await pipe.execute()
 
     async def _run_submit(self, client: aioredis.Redis, script_keys: list, script_args: list) -> list:
         # A master short of replicas refuses the script's first write (NOREPLICAS,
         # raised as shared.connections.WritesRefused): nothing of the job is written.
         return await self._submit(keys=script_keys, args=script_args, client=client)
 
-    async def _submit_replicated(self, job_id: str, script_keys: list, script_args: list, replicas: int) -> list:
+    async def _submit_replicated(self, job_id: str, script_keys: list, script_args: list, replicas: int, idempotent: bool) -> list:
         """The submit, then WAIT for ``replicas`` replicas to have it, on the same
         connection (WAIT counts that connection's writes). Short of them, the job is
         withdrawn and NotReplicated raised: a 202 promises the job survives the
@@ -266,7 +398,7 @@ class Submitter:
         try:
             withdrawn = await self._withdraw(
                 keys=[script_keys[i] for i in (0, 1, 4, 5, 6, 7)],
-                args=[job_id, rq_queue, keys.worker_claims(worker) if worker else ""],
+                args=[job_id, rq_queue, keys.worker_claims(worker) if worker else "", script_keys[11] if idempotent else ""],
             )
         except redis.exceptions.RedisError as e:  # the master is going: the 503 still tells the truth
             log.warning("job %s: could not withdraw a submit short of replicas: %s", job_id, e)

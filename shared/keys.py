@@ -128,3 +128,28 @@ MODEL_DELETE_CHANNEL = f"{PREFIX}:models:delete"
 #: outage: a PING is answered while a new master still refuses writes (NOREPLICAS).
 WRITE_PROBE = f"{PREFIX}:write-probe"
 WRITE_PROBE_TTL_MS = 1000
+
+
+def key_in_flight(owner: str) -> str:
+    """Sorted set: an API key's jobs in flight (queued or running), by submit time.
+    Self-cleaning: the submit script drops the jobs that ended as it counts them
+    (hive/submit.py), so nothing else has to remember to."""
+    return f"{PREFIX}:key:{owner}:in-flight"
+
+
+def key_rate(owner: str) -> str:
+    """Hash: an API key's create-rate token bucket (``tokens``, ``at``)."""
+    return f"{PREFIX}:key:{owner}:rate"
+
+
+def idempotency(owner: str, key_hash: str) -> str:
+    """Hash: what an ``Idempotency-Key`` of one API key (its SHA-256) answered:
+    ``hash`` (of the request), ``job_id``, ``state`` (admitting | accepted), ``response``."""
+    return f"{PREFIX}:key:{owner}:idem:{key_hash}"
+
+
+#: An Idempotency-Key is remembered this long after its first use.
+IDEMPOTENCY_TTL_S = 24 * 3600
+#: A key whose request is still in admission (a submit waiting for replicas) holds
+#: this long at most, should its hive die in between.
+ADMISSION_TTL_S = 30

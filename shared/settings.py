@@ -42,6 +42,11 @@ class Settings:
     #: Hive: API keys (``Authorization: Bearer <key>``); none means local mode, which
     #: listens on loopback only. Admin keys also see every job.
     api_keys: tuple[str, ...] = ()
+    #: Hive: per API key, jobs created a minute and jobs in flight (0: no limit), and
+    #: a JSON file of per-key overrides and names (hive/quotas.py).
+    key_rate_per_min: float = 0.0
+    key_max_in_flight: int = 0
+    key_limits_file: str = ""
     admin_keys: tuple[str, ...] = ()
     #: Worker: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
     device: str = "auto"

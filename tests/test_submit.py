@@ -37,7 +37,8 @@ def submit(redis_url: str, settings: Settings, request) -> tuple[str, int]:
         clock = RedisClock(sync_connection)
         clock.measure()
         try:
-            return await JobService(settings, connection, sync_connection, clock).submit(request, "owner")
+            submitted = await JobService(settings, connection, sync_connection, clock).submit(request, "owner")
+            return submitted.job_id, submitted.position
         finally:
             await connection.aclose()
             sync_connection.close()
