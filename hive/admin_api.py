@@ -112,7 +112,10 @@ async def list_queues(request: Request) -> Response:
     hive = request.app.state.hive
     hive.auth.authenticate(request)
     waiting = await hive.jobs.redis.zcard(keys.queued(hive.settings.queue))
-    return JSONResponse({"queues": await _queues(hive), "waiting": waiting})
+    # Per API key, by its name (--key-limits) or its id: never the key itself.
+    by_key = await hive.jobs.jobs_by_key(hive.auth.owners())
+    per_key = [{"key": hive.quotas.name_of(owner), **counts} for owner, counts in by_key.items() if counts["waiting"] or counts["running"]]
+    return JSONResponse({"queues": await _queues(hive), "waiting": waiting, "keys": per_key})
 
 
 async def purge_queue(request: Request) -> Response:

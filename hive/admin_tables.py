@@ -7,7 +7,7 @@ import json
 import time
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -90,9 +90,14 @@ def workers_table(workers: list[dict]) -> Table:
     return table
 
 
-def queue_table(answer: dict) -> Table:
+def queue_table(answer: dict) -> Group:
+    """The queues, then each API key's jobs waiting and running (fair share serves
+    the keys in turn)."""
     table = Table("queue", "worker", "waiting", box=None, caption=f"{answer['waiting']} jobs waiting in all", caption_justify="left")
     for q in answer["queues"]:
         worker = "(shared)" if q["worker"] is None else q["worker"] + ("" if q["worker_alive"] else " (gone)")
         table.add_row(styled(q["name"]), styled(worker), str(q["length"]))
-    return table
+    per_key = Table("key", "waiting", "running", box=None)
+    for k in answer.get("keys") or []:
+        per_key.add_row(styled(k["key"]), str(k["waiting"]), str(k["running"]))
+    return Group(table, Text(""), per_key) if answer.get("keys") else Group(table)

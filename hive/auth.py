@@ -75,6 +75,12 @@ class Auth:
             )
         return Principal(owner_of(match[0].decode()), admin=match[1])
 
+    def owners(self) -> list[str]:
+        """The ids of every key's jobs (one, ``local``, without keys)."""
+        if not self.enabled:
+            return [LOCAL_OWNER]
+        return sorted({owner_of(key.decode()) for key, _ in self._keys})
+
     def _sign(self, job_id: str, expires: int) -> str:
         return hmac.new(self._secret, f"{job_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
 

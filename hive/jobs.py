@@ -85,6 +85,30 @@ class JobService:
         """See hive/submit.py."""
         return await self._submitter.submit(request, owner, admission)
 
+    async def jobs_by_key(self, owners: list[str]) -> dict[str, dict[str, int]]:
+        """Per API key (its id), its jobs waiting and running, read off its set of
+        jobs in flight (hive/submit.py) and each job's state."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.zrange(keys.key_in_flight(owner), 0, -1)
+            in_flight = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_ids in in_flight:
+                for job_id in job_ids:
+                    pipe.hget(keys.job(job_id), jobs.STATE)
+            states = iter(await pipe.execute())
+        counts = {}
+        for owner, job_ids in zip(owners, in_flight):
+            waiting = running = 0
+            for _ in job_ids:
+                state = next(states)
+                if state == JobState.queued.value:
+                    waiting += 1
+                elif state is not None and JobState(state) not in FINAL_STATES:
+                    running += 1
+            counts[owner] = {"waiting": waiting, "running": running}
+        return counts
+
     async def idempotency_answered(self, owner: str, key: str, response: str) -> None:
         await self._submitter.accepted(owner, key, response)
 
@@ -215,6 +239,7 @@ class JobService:
             pipe.lrem(self._queue(rq_queue).key, 0, rq_id)
             pipe.zrem(keys.queued(queue_name), job_id)
             pipe.zrem(keys.queued_for_model(queue_name, record.get(jobs.MODEL, "")), job_id)
+            pipe.zrem(keys.fair(queue_name), job_id)
             removed = pipe.execute()[0]
         if removed:
             self.queue.connection.delete(Job.key_for(rq_id))
@@ -302,11 +327,12 @@ class JobService:
         """Tells the first POSITION_UPDATES waiting jobs their position when it
         changed (a ``queued`` event). Returns how many were told."""
         told = 0
-        waiting = self.queue.connection.zrange(keys.queued(self.queue.name), 0, POSITION_UPDATES - 1)
+        # In fair-share order (hive/submit.py): the shared queue's own order.
+        waiting = self.queue.connection.zrange(keys.fair(self.queue.name), 0, POSITION_UPDATES - 1)
         for position, raw_id in enumerate(waiting, start=1):
             job_id = raw_id.decode()
             told += self._update_position(
-                keys=[keys.queued(self.queue.name), keys.job(job_id), keys.job_events(job_id), keys.job_channel(job_id)],
+                keys=[keys.fair(self.queue.name), keys.job(job_id), keys.job_events(job_id), keys.job_channel(job_id)],
                 args=[job_id, str(position), jobs.POSITION, Queued(position).to_json()],
             )
         return told

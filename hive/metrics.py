@@ -62,6 +62,7 @@ class HiveMetrics:
         self._queue = ""
         self._depths: dict[str, int] | None = None  # None: Redis could not be read
         self._workers: dict[str, int] = {}
+        self._keys: dict[str, dict[str, int]] = {}
         self._streams = 0
         self.registry.register(self)
 
@@ -70,7 +71,7 @@ class HiveMetrics:
         self.jobs_finished.labels(kind, outcome, code).inc()
 
     async def refresh(self, hive) -> None:
-        """Reads what the next ``collect`` reports: two Redis round trips."""
+        """Reads what the next ``collect`` reports: four Redis round trips."""
         self._streams = hive.relay.followers
         self._queue = queue = hive.settings.queue
         connection = hive.jobs.redis
@@ -86,6 +87,11 @@ class HiveMetrics:
             log.warning("metrics: Redis is unavailable, cluster figures left out: %s", e)
             self._depths, self._workers = None, {}
             return
+        try:
+            by_key = await hive.jobs.jobs_by_key(hive.auth.owners())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            by_key = {}
+        self._keys = {hive.quotas.name_of(owner): counts for owner, counts in by_key.items()}
         self._depths = {queue: results[0]}
         self._workers = dict.fromkeys(WORKER_STATES, 0)
         for i, name in enumerate(names):
@@ -114,6 +120,12 @@ class HiveMetrics:
         for state, count in self._workers.items():
             workers.add_metric([self._queue, state], count)
         yield workers
+        # Labelled by the key's name (--key-limits) or its id, never by the key itself.
+        per_key = GaugeMetricFamily("hive_key_jobs", "Jobs of each API key, waiting or running.", labels=["key", "state"])
+        for name, counts in sorted(self._keys.items()):
+            for state, count in counts.items():
+                per_key.add_metric([name, state], count)
+        yield per_key
 
 
 def app_metrics(app: Starlette) -> HiveMetrics:

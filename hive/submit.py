@@ -118,13 +118,15 @@ REPLICA_WAIT_MS = 1000
 # (which worker is claimed is only known here): one Redis, not a cluster.
 # Per-key limits and the Idempotency-Key come as ARGV[23], a JSON object (Admission),
 # with their keys: KEYS[10] the key's jobs in flight, KEYS[11] its rate bucket,
-# KEYS[12] the idempotency record.
+# KEYS[12] the idempotency record; fair share's are KEYS[13] (the waiting jobs by
+# tag) and KEYS[14] (each key's youngest waiting job).
 # Returns {0, position, worker or "", rate tokens left, jobs in flight}, or
 # {1, waiting} / {2, waiting for the model} when a depth limit is reached,
 # {3, in flight} / {4, seconds until a token, in flight} when the key's limits are,
 # {5, job id, stored response} replaying an Idempotency-Key, {6, job id} when it was
 # used with another request, {7, job id} when that request is still in admission.
 _SUBMIT = """
+local ROUND, IN_FLIGHT_SCAN = 1000000, 200
 local control = cjson.decode(ARGV[23])
 local now = tonumber(ARGV[3])
 -- Idempotency-Key: the same key and body answer the same job (its stored response),
@@ -139,17 +141,17 @@ if control.idem ~= '' then
 end
 -- Per-key limits, checked before anything is written: jobs in flight (the set drops
 -- the jobs that ended as it counts), then the create rate (a token bucket).
-local in_flight = 0
-if control.max_in_flight > 0 then
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[10], 0, -1)) do
-    local state = redis.call('HGET', control.job_prefix .. id, 'state')
-    if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
-      redis.call('ZREM', KEYS[10], id)
-    end
+local in_flight, running = 0, 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[10], 0, IN_FLIGHT_SCAN - 1)) do
+  local state = redis.call('HGET', control.job_prefix .. id, 'state')
+  if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
+    redis.call('ZREM', KEYS[10], id)
+  elseif state ~= 'queued' then
+    running = running + 1
   end
-  in_flight = redis.call('ZCARD', KEYS[10])
-  if in_flight >= control.max_in_flight then return {3, in_flight} end
 end
+in_flight = redis.call('ZCARD', KEYS[10])
+if control.max_in_flight > 0 and in_flight >= control.max_in_flight then return {3, in_flight} end
 local tokens = 0
 if control.rate > 0 then
   local bucket = redis.call('HMGET', KEYS[11], 'tokens', 'at')
@@ -187,6 +189,39 @@ end
 local rq_queue, position = ARGV[9], waiting + 1
 if worker ~= '' then rq_queue, position = ARGV[10] .. worker, 1 end
 local ttl, job_id = ARGV[7], ARGV[8]  -- ARGV[3] as sent for the scores
+if worker ~= '' then
+  redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
+else
+  -- Fair share: start-time fair queueing by API key. A job's round is the round of
+  -- the job first in line, or one past its key's youngest job still waiting, if
+  -- later; within a round, the key with fewer running jobs first, then arrival.
+  -- One key's jobs keep their order; another key's job joins the current round.
+  local round = 0
+  local head = redis.call('ZRANGE', KEYS[13], 0, 0, 'WITHSCORES')
+  if #head > 0 then round = math.floor(tonumber(head[2]) / ROUND) end
+  local youngest = redis.call('HGET', KEYS[14], control.owner)
+  if youngest then
+    local last_round, last_job = string.match(youngest, '^(%d+):(.+)$')
+    if redis.call('ZSCORE', KEYS[13], last_job) then round = math.max(round, tonumber(last_round) + 1) end
+  end
+  local arrival = redis.call('INCR', KEYS[13] .. ':arrivals') % 1000
+  redis.call('EXPIRE', KEYS[13] .. ':arrivals', ttl)
+  local score = round * ROUND + math.min(running, 999) * 1000 + arrival
+  redis.call('ZADD', KEYS[13], score, job_id)
+  redis.call('EXPIRE', KEYS[13], ttl)
+  redis.call('HSET', KEYS[14], control.owner, round .. ':' .. job_id)
+  redis.call('EXPIRE', KEYS[14], ttl)
+  -- The RQ list follows that order: the job goes in before the first one behind it.
+  local placed = false
+  for _, next_id in ipairs(redis.call('ZRANGE', KEYS[13], '(' .. score, '+inf', 'BYSCORE', 'LIMIT', 0, 16)) do
+    if redis.call('LINSERT', ARGV[11] .. rq_queue, 'BEFORE', next_id, job_id) > 0 then
+      placed = true
+      break
+    end
+  end
+  if not placed then redis.call('RPUSH', ARGV[11] .. rq_queue, job_id) end
+  position = redis.call('ZRANK', KEYS[13], job_id) + 1
+end
 -- The job's record (ARGV[19]) and RQ's hash (ARGV[20]) come as JSON objects of
 -- strings, RQ's binary fields as pairs after them: a few long arguments cost the
 -- hive far less to send than fifty short ones.
@@ -211,12 +246,9 @@ for i = 1, 2 do
   redis.call('EXPIRE', KEYS[i], ttl)
 end
 redis.call('HSET', KEYS[8], unpack(rq_fields))
-redis.call('RPUSH', ARGV[11] .. rq_queue, job_id)
 redis.call('SADD', KEYS[9], ARGV[11] .. rq_queue)
-if control.max_in_flight > 0 then
-  redis.call('ZADD', KEYS[10], ARGV[3], job_id)
-  redis.call('EXPIRE', KEYS[10], ttl)
-end
+redis.call('ZADD', KEYS[10], ARGV[3], job_id)
+redis.call('EXPIRE', KEYS[10], ttl)
 if control.rate > 0 then
   tokens = tokens - 1
   redis.call('HSET', KEYS[11], 'tokens', tostring(tokens), 'at', ARGV[3])
@@ -298,6 +330,8 @@ class Submitter:
             keys.key_in_flight(owner),
             keys.key_rate(owner),
             keys.idempotency(owner, admission.idempotency_key or "-"),
+            keys.fair(queue),
+            keys.fair_tags(queue),
         ]
         limits = admission.limits
         control = {
@@ -308,6 +342,7 @@ class Submitter:
             "idem": admission.request_hash if admission.idempotency_key else "",
             "idem_state": "admitting",
             "idem_ttl": keys.ADMISSION_TTL_S,
+            "owner": owner,
         }
         script_args = [
             self.settings.max_queue,

@@ -153,3 +153,14 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 #: A key whose request is still in admission (a submit waiting for replicas) holds
 #: this long at most, should its hive die in between.
 ADMISSION_TTL_S = 30
+
+
+def fair(queue: str) -> str:
+    """Sorted set: the jobs waiting on the shared queue, by their fair-share tag
+    (hive/submit.py); the shared RQ list is kept in this order."""
+    return f"{PREFIX}:fair:{queue}"
+
+
+def fair_tags(queue: str) -> str:
+    """Hash: per API key, ``<round>:<job id>`` of its youngest job in ``fair``."""
+    return f"{PREFIX}:fair-tags:{queue}"

@@ -164,7 +164,7 @@ class WorkerRuntime:
                 self.clock,
                 job_id,
                 self.settings.job_ttl_s,
-                unqueue=(keys.queued(queue), keys.queued_for_model(queue, job.model)),
+                unqueue=(keys.queued(queue), keys.queued_for_model(queue, job.model), keys.fair(queue)),
                 before_finish=lambda: self._going_idle(job),
                 **{jobs.WORKER: self.name, jobs.PICKED_AT: self.clock.now()},
             )
