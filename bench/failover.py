@@ -8,8 +8,9 @@ but ``--token-delay-ms`` a step, so that jobs outlast the failover) on a
 redis+sentinel:// URL.
 It submits ``--jobs`` jobs of mixed lengths, follows each over SSE, and once every
 job is generating it fails the master over: ``kill`` SIGKILLs it (it takes what it
-had not yet replicated with it), ``sentinel`` runs SENTINEL FAILOVER (the old master
-is demoted after the new one caught up). Counted per round: events lost (the sum of
+had not yet replicated with it), ``sentinel`` runs SENTINEL FAILOVER (a replica is
+promoted while the master still runs: until the Sentinels have moved the other nodes
+over, the old master keeps taking writes, lost when it rejoins as a replica). Counted per round: events lost (the sum of
 the ``gap`` events the streams got), streams whose ids went backwards or repeated
 (must be 0), jobs that ended with ``end`` vs an error, the longest pause between two
 events of a stream across the failover, how long submits were refused (503) after

@@ -273,6 +273,8 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 if ARGV[3] ~= '' and tonumber(redis.call('GET', ARGV[3]) or '0') > 0 then redis.call('DECR', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('DEL', ARGV[4]) end
+redis.call('ZREM', ARGV[5], ARGV[1])
+redis.call('ZREM', ARGV[6], ARGV[1])
 return 1
 """
 
@@ -433,7 +435,10 @@ class Submitter:
         try:
             withdrawn = await self._withdraw(
                 keys=[script_keys[i] for i in (0, 1, 4, 5, 6, 7)],
-                args=[job_id, rq_queue, keys.worker_claims(worker) if worker else "", script_keys[11] if idempotent else ""],
+                args=[
+                    job_id, rq_queue, keys.worker_claims(worker) if worker else "", script_keys[11] if idempotent else "",
+                    script_keys[9], script_keys[12],
+                ],
             )
         except redis.exceptions.RedisError as e:  # the master is going: the 503 still tells the truth
             log.warning("job %s: could not withdraw a submit short of replicas: %s", job_id, e)
