@@ -164,7 +164,8 @@ def per_day(results: dict[int, list[dict]], tokens_per_s: float, job_tokens: int
     if runs is None:
         return ""
     after = statistics.median(r["keys_after"] for r in runs)
-    before = statistics.median(r["keys_before"] for r in runs)
+    # The same finished job had its log not been compacted: the log as it was, the final record.
+    before = statistics.median(r["keys_after"] - r["log_after"] + r["log_before"] for r in runs)
     jobs_per_day = tokens_per_s / job_tokens * 86400
     kept = jobs_per_day * ttl_s / 86400
     return (
