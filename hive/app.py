@@ -30,6 +30,9 @@ from .limits import HeaderLimit
 from .reaper import Reaper
 from .relay import EventRelay
 from .sse import StallWatchdog
+from .webhook_delivery import WebhookSender
+from .webhooks import WebhookSecrets
+from .webhooks import routes as webhook_routes
 
 log = logging.getLogger("hive")
 
@@ -44,6 +47,7 @@ class Hive:
     auth: Auth
     fleet: Fleet
     stalls: StallWatchdog
+    webhook_secrets: WebhookSecrets
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -84,12 +88,16 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         stalls = StallWatchdog()
         stalls.start()
         fleet = Fleet(connection, clock, settings.queue, str(hub.cache.root) if hub is not None else None)
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls)
+        webhook_secrets = WebhookSecrets(connection)
+        webhook_sender = WebhookSender(settings, connection, clock, webhook_secrets)
+        webhook_sender.start()
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls, webhook_secrets)
         log.info("hive ready: %r", settings)
         try:
             yield
         finally:
             await reaper.stop()
+            await webhook_sender.stop()
             await stalls.stop()
             await relay.stop()
             await anyio.to_thread.run_sync(clock.stop)
@@ -100,7 +108,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
                 await hub.aclose()
 
     return Starlette(
-        routes=[*routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
+        routes=[*routes, *webhook_routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
         middleware=[Middleware(HeaderLimit)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
