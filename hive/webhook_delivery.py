@@ -123,9 +123,14 @@ class WebhookSender:
         self._output = keys.webhooks_output(settings.queue)
         self._claim = connection.register_script(_CLAIM)
         # No proxies from the environment: the address guard checks where the request goes.
-        self._http = httpx.AsyncClient(follow_redirects=False, timeout=REQUEST_TIMEOUT_S, trust_env=False)
+        # No kept-alive connections: pooled by address, one verified for one host name
+        # could carry the delivery of another name on that address.
+        self._http = httpx.AsyncClient(
+            follow_redirects=False, timeout=REQUEST_TIMEOUT_S, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         self._attempts: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run_forever(), name="hive-webhooks")
@@ -133,6 +138,9 @@ class WebhookSender:
     async def stop(self) -> None:
         """Attempts in flight are dropped: their claims run out and another hive
         (or this one, restarted) makes them again."""
+        # Said as well as cancelled: redis-py may turn a cancel in mid-command into a
+        # ConnectionError, which the loop takes for an outage and waits out.
+        self._stopping = True
         tasks = [t for t in (self._task, *self._attempts) if t is not None]
         for task in tasks:
             task.cancel()
@@ -141,7 +149,7 @@ class WebhookSender:
 
     async def _run_forever(self) -> None:
         redis_away = False
-        while True:
+        while not self._stopping:
             try:
                 await self.deliver_due()
                 if redis_away:
