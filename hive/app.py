@@ -31,6 +31,9 @@ from .limits import HeaderLimit
 from .reaper import Reaper
 from .relay import EventRelay
 from .sse import StallWatchdog
+from .webhook_delivery import WebhookSender
+from .webhooks import WebhookSecrets
+from .webhooks import routes as webhook_routes
 
 log = logging.getLogger("hive")
 
@@ -46,6 +49,7 @@ class Hive:
     fleet: Fleet
     stalls: StallWatchdog
     quotas: Quotas
+    webhook_secrets: WebhookSecrets
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -92,12 +96,16 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
         stalls = StallWatchdog()
         stalls.start()
         fleet = Fleet(connection, clock, settings.queue, str(hub.cache.root) if hub is not None else None)
-        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls, quotas)
+        webhook_secrets = WebhookSecrets(connection)
+        webhook_sender = WebhookSender(settings, connection, clock, webhook_secrets)
+        webhook_sender.start()
+        app.state.hive = Hive(settings, jobs, relay, Auth(settings, clock), fleet, stalls, quotas, webhook_secrets)
         log.info("hive ready: %r", settings)
         try:
             yield
         finally:
             await reaper.stop()
+            await webhook_sender.stop()
             await stalls.stop()
             await relay.stop()
             await anyio.to_thread.run_sync(clock.stop)
@@ -108,7 +116,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
                 await hub.aclose()
 
     return Starlette(
-        routes=[*routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
+        routes=[*routes, *webhook_routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
         middleware=[Middleware(HeaderLimit)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -14,7 +14,7 @@ import typer
 from shared import keys
 
 from .admin_cli import register as register_admin_commands
-from shared.settings import DEFAULT_PORT, DEMO_MODEL, Settings
+from shared.settings import DEFAULT_PORT, DEMO_MODEL, WEBHOOK_RETRY_DELAYS, Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hive: LLM inference jobs on GPU workers, streamed over SSE.")
 
@@ -59,6 +59,17 @@ def _check_redis(url: str) -> None:
         raise typer.Exit(2) from None
 
 
+def _retry_delays(value: str) -> tuple[float, ...]:
+    """``5,30,120``: seconds, each 0 to a day; "" (no retry) is allowed."""
+    try:
+        delays = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of seconds", param_hint="--webhook-retry-delays") from None
+    if len(delays) > 50 or any(not 0 <= d <= 86400 for d in delays):
+        raise typer.BadParameter("at most 50 delays, each 0 to 86400 s", param_hint="--webhook-retry-delays")
+    return delays
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -100,6 +111,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    webhook_retry_delays: Annotated[
+        str,
+        typer.Option(envvar="HIVE_WEBHOOK_RETRY_DELAYS", help="Seconds between a failing webhook's attempts, comma-separated (one attempt more than delays)."),
+    ] = ",".join(f"{d:g}" for d in WEBHOOK_RETRY_DELAYS),
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(envvar="HIVE_WEBHOOK_ALLOW_PRIVATE", help="Let webhooks call loopback, private and link-local addresses (tests, private networks)."),
+    ] = False,
     processes: Annotated[int, typer.Option(envvar="HIVE_PROCESSES", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
@@ -131,6 +150,7 @@ def serve(
             Quotas.from_file(key_limits, key_rate_per_min, key_max_in_flight)
         except LimitsFileError as e:
             raise typer.BadParameter(str(e), param_hint="--key-limits") from None
+    retry_delays = _retry_delays(webhook_retry_delays)
     if redis_min_replicas is None:
         from shared.redis_url import is_sentinel
 
@@ -154,6 +174,8 @@ def serve(
         job_ttl_s=job_ttl_s,
         hub_upstream=hub_upstream if hub else "",
         hub_cache=hub_cache,
+        webhook_retry_delays=retry_delays,
+        webhook_allow_private=webhook_allow_private,
     )
     from .http_server import SERVER_OPTIONS, ReusePortProcesses
 

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from shared.connections import WritesRefused
 
 from .submit import NotReplicated
+from .webhook_guard import WebhookRefused
 
 log = logging.getLogger("hive.errors")
 
@@ -63,6 +64,12 @@ async def not_replicated(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "REDIS_UNAVAILABLE", f"{exc}; nothing was accepted, retry shortly", headers={"Retry-After": str(exc.retry_after_s)})
 
 
+async def webhook_refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, WebhookRefused)
+    details = [{"field": "webhook", "message": str(exc)}]
+    return error_response(422, exc.code, str(exc), details)
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette re-raises after answering, and uvicorn logs the traceback.
     return error_response(500, "INTERNAL", "internal error; see the hive's log")
@@ -75,5 +82,6 @@ EXCEPTION_HANDLERS = {
     redis.exceptions.TimeoutError: redis_down,
     NotReplicated: not_replicated,
     WritesRefused: writes_refused,
+    WebhookRefused: webhook_refused,
     Exception: internal_error,
 }

@@ -17,13 +17,14 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from shared import events, jobs, keys
+from shared import events, jobs, keys, webhooks
 from shared.clock import RedisClock
 from shared.events import Error, Queued, Retry, Token
 from shared.settings import Settings
 from shared.spec import FINAL_STATES, InferenceRequest, JobState, PullRequest
 
 from .submit import Admission, Submitted, Submitter
+from .webhook_guard import resolve as resolve_webhook
 
 log = logging.getLogger("hive.jobs")
 
@@ -82,7 +83,11 @@ class JobService:
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str, admission: Admission = Admission()) -> Submitted:
-        """See hive/submit.py."""
+        """See hive/submit.py. A webhook whose host does not resolve to an address
+        the hive calls is refused first (hive/webhook_guard.py: WebhookRefused), so
+        nothing of the job is written."""
+        if getattr(request, "webhook", None):
+            await resolve_webhook(request.webhook, self.settings.webhook_allow_private)
         return await self._submitter.submit(request, owner, admission)
 
     async def jobs_by_key(self, owners: list[str]) -> dict[str, dict[str, int]]:
@@ -153,14 +158,17 @@ class JobService:
 
     def _end_here(self, job_id: str, state: JobState, error: Error, kind: str) -> None:
         ttl = self.settings.job_ttl_s
+        now = self.clock.now()
 
         def expire(pipe) -> None:
             pipe.expire(keys.job(job_id), ttl)
             pipe.expire(keys.job_events(job_id), ttl)
+            # In the MULTI that ends the job: its webhook's last delivery (shared/webhooks.py).
+            webhooks.enqueue(pipe, job_id, webhooks.COMPLETED, now, ttl)
 
         fields = {
             jobs.STATE: state.value,
-            jobs.FINISHED_AT: str(self.clock.now()),
+            jobs.FINISHED_AT: str(now),
             jobs.ERROR_CODE: error.code,
             jobs.ERROR_MESSAGE: error.message,
         }

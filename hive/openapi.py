@@ -91,7 +91,7 @@ def openapi_schema() -> dict:
                         "202": _json({"$ref": "#/components/schemas/JobAccepted"}, "accepted"),
                         "400": _error("not JSON"),
                         "413": _error("body too large"),
-                        "422": _error("invalid request"),
+                        "422": _error("invalid request, or a webhook the hive will not call (WEBHOOK_ADDRESS_REFUSED, WEBHOOK_UNRESOLVABLE)"),
                         "429": _error("queue full"),
                         **auth,
                     },
@@ -134,6 +134,17 @@ def openapi_schema() -> dict:
             ),
             "/v1/completions": _openai_operation({"prompt": {"type": "string"}}, ["model", "prompt"]),
             "/v1/workers": {"get": {"responses": {"200": _json({"type": "object"}, "live workers"), **auth}}},
+            "/v1/webhooks/default/secret": {
+                "get": {
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "required": ["key"], "properties": {"key": {"type": "string", "pattern": "^whsec_"}}},
+                            "the caller's webhook signing secret (Standard Webhooks)",
+                        ),
+                        **auth,
+                    }
+                }
+            },
             "/v1/jobs": {
                 "get": {
                     "parameters": [

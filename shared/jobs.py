@@ -46,6 +46,11 @@ OUTPUT = "output"
 PROMPT_TOKENS = "prompt_tokens"
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
+# The terminal webhook delivery, as the status shows it (hive/webhook_delivery.py writes them).
+WEBHOOK_STATE = "webhook_state"  # pending (or none yet), delivering, delivered, failed
+WEBHOOK_ATTEMPTS = "webhook_attempts"
+WEBHOOK_STATUS = "webhook_status"  # the last attempt's HTTP status
+WEBHOOK_ERROR = "webhook_error"  # why the last attempt failed, when it did
 
 
 def _num(value: str | None) -> float | int | None:
@@ -90,4 +95,20 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
         view["output"] = record.get(OUTPUT, "")  # partial when cancelled mid-generation
     if record.get(ERROR_CODE):
         view["error"] = {"code": record.get(ERROR_CODE), "message": record.get(ERROR_MESSAGE)}
+    if spec.get("webhook"):
+        view["webhook"] = webhook_view(spec, record)
     return view
+
+
+def webhook_view(spec: dict, record: dict[str, str]) -> dict:
+    """The webhook's part of the status: the events asked for and, when the job's
+    end is one of them, that delivery's state (pending until its first attempt)."""
+    events = spec.get("webhook_events_filter") or ["completed"]
+    wants_end = "completed" in events
+    return {
+        "events_filter": events,
+        "state": (record.get(WEBHOOK_STATE) or "pending") if wants_end else None,
+        "attempts": _num(record.get(WEBHOOK_ATTEMPTS)) or 0,
+        "last_status": _num(record.get(WEBHOOK_STATUS)),
+        "last_error": record.get(WEBHOOK_ERROR) or None,
+    }

@@ -164,3 +164,35 @@ def fair(queue: str) -> str:
 def fair_tags(queue: str) -> str:
     """Hash: per API key, ``<round>:<job id>`` of its youngest job in ``fair``."""
     return f"{PREFIX}:fair-tags:{queue}"
+# Webhooks (shared/webhooks.py enqueues, hive/webhook_delivery.py delivers).
+
+#: String: the cluster's webhook secret, random, set once by the first hive that needs
+#: it (SET NX); each API key's signing secret is derived from it (hive/webhooks.py).
+#: No TTL: losing it would change every key's secret.
+WEBHOOK_SECRET = f"{PREFIX}:webhooks:secret"
+
+
+def webhooks_due(queue: str) -> str:
+    """Sorted set: the webhook deliveries of ``queue``'s jobs, members ``<job_id>:<event>``,
+    scored by when the next attempt is due (Redis's clock). A hive claims one by moving
+    its score a lease ahead (WEBHOOK_CLAIM_S), then reschedules or removes it. No TTL:
+    it empties itself (each member leaves after its last attempt)."""
+    return f"{PREFIX}:webhooks:due:{queue}"
+
+
+def webhooks_output(queue: str) -> str:
+    """Sorted set: running jobs of ``queue`` whose webhook wants ``output``, scored by
+    when their next output delivery may go (at most one per WEBHOOK_OUTPUT_EVERY_S).
+    A job leaves it when it ends."""
+    return f"{PREFIX}:webhooks:output:{queue}"
+
+
+def webhook_delivery(job_id: str, event: str) -> str:
+    """Hash: one delivery of a job's webhook (``start``, ``completed`` or ``output``):
+    its frozen body and webhook-id, attempts, outcome (TTL: JOB_TTL_S)."""
+    return f"{PREFIX}:job:{job_id}:webhook:{event}"
+
+
+#: A claimed delivery comes due again after this long if its hive died mid-attempt.
+WEBHOOK_CLAIM_S = 60.0
+WEBHOOK_OUTPUT_EVERY_S = 0.5

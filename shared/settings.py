@@ -17,6 +17,10 @@ DEFAULT_PORT = 7833
 #: The model the CLI asks for when none is given; ``hive up`` serves it from its
 #: built-in hub mirror so the first run works offline.
 DEMO_MODEL = "hive-demo/tiny-llama"
+#: Seconds between a failing terminal webhook delivery's attempts (each stretched by
+#: up to a quarter, at random, and never shorter than the receiver's Retry-After):
+#: 8 attempts over about an hour.
+WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 300.0, 600.0, 1200.0, 1500.0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class Settings:
     #: Hive: the Hugging Face cache folder ``/hub`` serves and fills; "": huggingface_hub's
     #: default (HF_HUB_CACHE).
     hub_cache: str = ""
+    #: Hive: see WEBHOOK_RETRY_DELAYS; tests run the schedule in milliseconds.
+    webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
+    #: Hive: let webhooks call loopback, private, link-local (and other non-public)
+    #: addresses; off, such a URL is refused at submit and at every delivery.
+    webhook_allow_private: bool = False
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,6 +45,28 @@ def parse_duration(value: int | float | str) -> float:
     return seconds
 
 
+#: What a webhook may be called for: the job started, its output so far (at most
+#: twice a second), and its end (every final state: completed, failed, cancelled).
+WebhookEvent = Literal["start", "output", "completed"]
+
+
+def check_webhook_url(value: str) -> str:
+    """An absolute http(s) URL with a host and no credentials; whether its host
+    resolves to a public address is checked at submit, by the hive."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a port out of range or not a number
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (user:password@)")
+    if port == 0 or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError("not a valid URL")
+    return value
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -77,6 +100,23 @@ class InferenceRequest(BaseModel):
         # What clients may send; the validator turns a duration string into seconds.
         json_schema_extra={"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?(ms|s|m|h)?$"}, {"type": "null"}]},
     )
+
+    #: Called (POST, Standard Webhooks signature) with the job's status JSON on
+    #: the events of ``webhook_events_filter``.
+    webhook: str | None = Field(default=None, min_length=1, max_length=2048)
+    webhook_events_filter: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], min_length=1, max_length=3)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value):
+        return None if value is None else check_webhook_url(value)
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _unique_events(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError("each event at most once")
+        return value
 
     @field_validator("keep_alive", mode="before")
     @classmethod

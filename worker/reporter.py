@@ -17,10 +17,10 @@ from collections.abc import Callable
 import hiredis
 import redis
 
-from shared import events, jobs, keys
+from shared import events, jobs, keys, webhooks
 from shared.clock import RedisClock
 from shared.events import Event, Token
-from shared.spec import JobState
+from shared.spec import FINAL_STATES, JobState
 
 
 def _record_fields(state: JobState | None, fields: dict) -> dict[str, str]:
@@ -77,6 +77,12 @@ class JobReporter:
         pipe = self.redis.pipeline(transaction=False)
         if state is not None or fields:
             pipe.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
+        # The webhook's start and end deliveries go out with the state that says so
+        # (shared/webhooks.py); the script checks whether the job has a webhook.
+        if state is JobState.running:
+            webhooks.enqueue(pipe, self.job_id, webhooks.START, self.clock.now(), self.ttl_s)
+        elif state in FINAL_STATES:
+            webhooks.enqueue(pipe, self.job_id, webhooks.COMPLETED, self.clock.now(), self.ttl_s)
         pipe.xadd(self._log_key, {"e": event.type, "d": data}, id=events.stream_id(self.seq))
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()

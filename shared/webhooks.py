@@ -1,0 +1,73 @@
+"""Webhook deliveries as the job's writers enqueue them, hive and worker alike.
+
+A job's webhook is called when it starts, while it writes output, and when it ends.
+Whoever writes the state that starts or ends a job (the worker's reporter, or the
+hive when it ends a job itself: a cancel while queued, a lost worker, a queue-wait
+TIMEOUT) adds ``enqueue`` to the same pipeline as that write, so no terminal state
+goes without its delivery, whichever process wrote it, and even while no hive
+runs. The hives deliver from Redis (hive/webhook_delivery.py).
+"""
+
+from __future__ import annotations
+
+from . import jobs, keys
+
+START = "start"
+OUTPUT = "output"
+COMPLETED = "completed"  # every final state: completed, failed, cancelled
+
+# Enqueues the delivery of ``event`` if the job's spec asks for it. The spec (its
+# webhook and filter) and the job's queue are read here, from the record, so the
+# writers need not know them. A delivery already enqueued is left alone: a retried
+# job starts twice, and a worker and a reaper may both end one (the lease decides
+# which, but this costs nothing). ``start`` also puts the job on the output watch
+# when the filter asks for output; the end takes it off.
+# KEYS: the job's record, the delivery's hash. ARGV: event, now, TTL, the due set's
+# and the output watch's key prefixes (the queue is appended), job id, the record's
+# spec and queue field names.
+_ENQUEUE = """
+local spec = redis.call('HGET', KEYS[1], ARGV[7])
+if not spec then return 0 end
+local ok, decoded = pcall(cjson.decode, spec)
+if not ok or type(decoded) ~= 'table' or type(decoded['webhook']) ~= 'string' then return 0 end
+local queue = redis.call('HGET', KEYS[1], ARGV[8]) or ''
+local filter = decoded['webhook_events_filter']
+if type(filter) ~= 'table' then filter = {'completed'} end
+local wants = {}
+for _, name in ipairs(filter) do wants[name] = true end
+if ARGV[1] == 'start' then
+  if wants['output'] then redis.call('ZADD', ARGV[5] .. queue, 'NX', ARGV[2], ARGV[6]) end
+else
+  redis.call('ZREM', ARGV[5] .. queue, ARGV[6])
+end
+if not wants[ARGV[1]] then return 0 end
+if redis.call('HSETNX', KEYS[2], 'event', ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', ARGV[4] .. queue, ARGV[2], ARGV[6] .. ':' .. ARGV[1])
+return 1
+"""
+
+
+def enqueue(pipe, job_id: str, event: str, now: float, ttl_s: int) -> None:
+    """Adds the enqueue of ``event``'s delivery (START or COMPLETED) to ``pipe``, a
+    redis-py pipeline that writes the job's new state: put it after that write."""
+    pipe.register_script(_ENQUEUE)(
+        keys=[keys.job(job_id), keys.webhook_delivery(job_id, event)],
+        args=[event, now, ttl_s, keys.webhooks_due(""), keys.webhooks_output(""), job_id, jobs.SPEC, jobs.QUEUE],
+    )
+
+
+def member(job_id: str, event: str) -> str:
+    """A delivery's member in the due set."""
+    return f"{job_id}:{event}"
+
+
+def parse_member(value: str) -> tuple[str, str]:
+    job_id, _, event = value.rpartition(":")
+    return job_id, event
+
+
+def message_id(job_id: str, event: str, seq: int | None = None) -> str:
+    """The ``webhook-id``: the same on every attempt of one delivery, so a receiver
+    can drop duplicates; each output delivery has its own (``seq``: its last event)."""
+    return f"msg_{job_id}_{event}" + (f"_{seq}" if seq is not None else "")
