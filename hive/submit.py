@@ -126,7 +126,7 @@ REPLICA_WAIT_MS = 1000
 # {5, job id, stored response} replaying an Idempotency-Key, {6, job id} when it was
 # used with another request, {7, job id} when that request is still in admission.
 _SUBMIT = """
-local ROUND, IN_FLIGHT_SCAN = 1000000, 200
+local ROUND, IN_FLIGHT_SCAN = 1000000, 16
 local control = cjson.decode(ARGV[23])
 local now = tonumber(ARGV[3])
 -- Idempotency-Key: the same key and body answer the same job (its stored response),
@@ -141,8 +141,13 @@ if control.idem ~= '' then
 end
 -- Per-key limits, checked before anything is written: jobs in flight (the set drops
 -- the jobs that ended as it counts), then the create rate (a token bucket).
+-- The scan is bounded, so a key with thousands of jobs waiting does not make every
+-- submit of it read them all: the oldest (most likely running or ended) are read,
+-- as many as the limit needs, or IN_FLIGHT_SCAN for a key without one.
 local in_flight, running = 0, 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[10], 0, IN_FLIGHT_SCAN - 1)) do
+local scan = IN_FLIGHT_SCAN
+if control.max_in_flight > 0 then scan = control.max_in_flight + IN_FLIGHT_SCAN end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[10], 0, scan - 1)) do
   local state = redis.call('HGET', control.job_prefix .. id, 'state')
   if not state or state == 'completed' or state == 'failed' or state == 'cancelled' then
     redis.call('ZREM', KEYS[10], id)

@@ -61,7 +61,7 @@ def test_another_keys_job_is_served_next_round_and_each_key_stays_fifo(cluster, 
     url = cluster
     warm = submit(url, KEY_A, max_tokens=1)  # the model loaded, so every job below takes the same path
     processes.wait_until(lambda: started_at(redis_url, warm["job_id"]) < float("inf"), 90, "the model loaded")
-    a_jobs = [submit(url, KEY_A) for _ in range(12)]
+    a_jobs = [submit(url, KEY_A) for _ in range(20)]
     b_job = submit(url, KEY_B)
     # Two of A's jobs hold the slots; B's goes in line before A's third, and says so.
     assert b_job["position"] <= 2, b_job
