@@ -11,7 +11,6 @@ gets every event exactly once, in order.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from shared import events, keys
 from shared.events import DONE_FRAME, TERMINAL_TYPES, Error
 
+from .inbox import Follower
+
 log = logging.getLogger("hive.relay")
 
 #: A follower that has heard nothing for this long (up to twice as long) re-reads
@@ -33,8 +34,6 @@ log = logging.getLogger("hive.relay")
 CATCH_UP_S = 5.0
 #: How long a new follower waits for Redis to confirm its channel's subscription.
 SUBSCRIBE_TIMEOUT_S = 10.0
-#: Frames buffered per follower; a follower further behind reads from the log.
-FOLLOWER_BUFFER = 4096
 
 #: A stream whose Redis goes away waits this long for it before it ends (a Sentinel
 #: failover takes its down-after time plus about a second).
@@ -60,56 +59,10 @@ def _stream_error_frame(error: Error) -> bytes:
     return f"event: error\ndata: {error.to_json()}\n\n".encode()
 
 
-@dataclass(eq=False)
-class _Follower:
-    """One stream's inbox: the frames the relay hands over, and the stream's wake-up.
-
-    Hand-written rather than an asyncio.Queue: per frame and follower, the queue's
-    get (a future, loop lookups, putter bookkeeping) and a timer for the catch-up
-    were a fifth of the hive's CPU with 1,000 followers (bench/fanout.py)."""
-
-    frames: collections.deque = field(default_factory=collections.deque)
-    waiter: asyncio.Future | None = None
-    #: Frames were dropped on a full inbox: read the log before waiting again.
-    lagging: bool = False
-    #: Quiet for a catch-up period: read the log before waiting again.
-    catch_up: bool = False
-    #: Catch-up sweeps this follower slept through with nothing handed over.
-    quiet_sweeps: int = 0
-    #: The hive is shutting down: end the stream at the next frame boundary.
-    stopping: bool = False
-
-    def put(self, frame: Frame) -> None:
-        if len(self.frames) < FOLLOWER_BUFFER:
-            self.frames.append(frame)
-        else:
-            self.lagging = True
-        self.quiet_sweeps = 0
-        self.wake()
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Returns when there are frames, or a flag to act on."""
-        while not (self.frames or self.catch_up or self.stopping):
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-
-    def take(self) -> list[Frame]:
-        frames = list(self.frames)
-        self.frames.clear()
-        return frames
-
-
 @dataclass
 class _Channel:
     subscribed: asyncio.Future
-    followers: set[_Follower] = field(default_factory=set)
+    followers: set[Follower] = field(default_factory=set)
 
 
 class EventRelay:
@@ -255,7 +208,7 @@ class EventRelay:
             for follower in entry.followers:
                 follower.put(frame)
 
-    async def _join(self, job_id: str, follower: _Follower) -> None:
+    async def _join(self, job_id: str, follower: Follower) -> None:
         channel = keys.job_channel(job_id)
         entry = self._channels.get(channel)
         if entry is None:
@@ -276,7 +229,7 @@ class EventRelay:
         entry.followers.add(follower)
         await asyncio.wait_for(asyncio.shield(entry.subscribed), SUBSCRIBE_TIMEOUT_S)
 
-    def _leave(self, job_id: str, follower: _Follower) -> bool:
+    def _leave(self, job_id: str, follower: Follower) -> bool:
         """Returns whether that was the job's last follower on this hive (then its
         channel is to be unsubscribed)."""
         channel = keys.job_channel(job_id)
@@ -337,7 +290,7 @@ class EventRelay:
     async def _follow(
         self, job_id: str, cursor: "_Cursor", on_abandon: Callable[[str], Awaitable] | None
     ) -> AsyncIterator[bytes]:
-        follower = _Follower()
+        follower = Follower()
         last = cursor.last
         finished = False
         redis_lost = False

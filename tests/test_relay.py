@@ -10,6 +10,7 @@ import redis
 import redis.asyncio as aioredis
 
 from hive import relay as relay_module
+from hive import inbox as inbox_module
 from hive.relay import EventRelay
 from shared import keys
 from shared.clock import RedisClock
@@ -52,7 +53,7 @@ async def _follow_while_publishing(redis_url: str, followers: int, tokens: int) 
 def test_followers_with_tiny_buffers_get_every_event_once_in_order(redis_url, monkeypatch):
     # Two frames of buffer: a follower that falls behind reads the rest from the log,
     # at once, not after the idle catch-up timer (made long here, so a stall fails).
-    monkeypatch.setattr(relay_module, "FOLLOWER_BUFFER", 2)
+    monkeypatch.setattr(inbox_module, "FOLLOWER_BUFFER", 2)
     monkeypatch.setattr(relay_module, "CATCH_UP_S", 60.0)
     received = asyncio.run(asyncio.wait_for(_follow_while_publishing(redis_url, followers=3, tokens=200), 20))
     for frames in received:
