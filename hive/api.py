@@ -15,12 +15,12 @@ from shared import jobs as job_fields
 from shared import keys
 from shared.spec import InferenceRequest, PullRequest
 
+from .admission import admit, answered
 from .auth import Principal
 from .errors import ApiError
 from .jobs import JobFinished, JobNotFound
 from .openapi import openapi_schema
 from .sse import JobEventStream
-from .admission import admit, answered
 
 SHUTDOWN_GRACE_S = 2.0
 

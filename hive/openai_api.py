@@ -34,10 +34,10 @@ from shared import jobs as job_fields
 from shared.events import DONE_FRAME
 from shared.spec import InferenceRequest
 
+from .admission import admit, answered
 from .api import SHUTDOWN_GRACE_S, read_json_body, validation_error
 from .errors import ApiError
 from .sse import JobEventStream
-from .admission import admit, answered
 from .submit import NotReplicated
 
 if TYPE_CHECKING:
