@@ -44,6 +44,7 @@ import redis
 
 from bench.figure import spread
 from bench.proc import cpu_seconds
+from shared.clock import RedisClock
 from shared.events import Token
 from tests import processes
 from worker.reporter import JobReporter
@@ -127,7 +128,9 @@ def one_round(url: str, redis_pid: int, batch: int, seconds: float, prepacked: i
     send them (Redis loaded harder than the worker's own packing lets it)."""
     control = redis.Redis.from_url(url)
     connection = redis.Redis.from_url(url)
-    reporters = [JobReporter(connection, f"bench-capacity-{uuid.uuid4().hex}", 3600) for _ in range(batch)]
+    clock = RedisClock(connection)
+    clock.measure()
+    reporters = [JobReporter(connection, clock, f"bench-capacity-{uuid.uuid4().hex}", 3600) for _ in range(batch)]
     drain = subprocess.Popen(
         [sys.executable, "-m", "bench.redis_capacity", "--drain", str(connection.connection_pool.connection_kwargs["port"])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

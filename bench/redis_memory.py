@@ -40,6 +40,7 @@ from rq import Queue
 from bench.figure import spread
 from hive.submit import Submitter
 from shared import jobs, keys
+from shared.clock import RedisClock
 from shared.events import End, Started, Token
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState
@@ -63,9 +64,11 @@ def used_memory(connection: redis.Redis) -> int:
 async def submit_all(settings: Settings, sync: redis.Redis, count: int, max_tokens: int) -> list[str]:
     connection = aioredis.Redis.from_url(settings.redis_url)
     try:
-        submitter = Submitter(settings, connection, sync)
+        clock = RedisClock(sync)
+        clock.measure()
+        submitter = Submitter(settings, connection, sync, clock)
         request = InferenceRequest(model="bench/tiny", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
-        return [(await submitter.submit(request, owner=""))[0] for _ in range(count)]
+        return [(await submitter.submit(request, owner="")).job_id for _ in range(count)]
     finally:
         await connection.aclose()
 
@@ -79,8 +82,10 @@ def one_size(settings: Settings, connection: redis.Redis, count: int, tokens: in
     for job_id in job_ids:
         connection.lrem(rq_queue, 0, job_id)
         connection.delete(f"rq:job:{job_id}")
-    waiting = (keys.queued(settings.queue), keys.queued_for_model(settings.queue, "bench/tiny"))
-    reporters = [JobReporter(connection, job_id, settings.job_ttl_s, unqueue=waiting) for job_id in job_ids]
+    waiting = (keys.queued(settings.queue), keys.queued_for_model(settings.queue, "bench/tiny"), keys.fair(settings.queue))
+    clock = RedisClock(connection)
+    clock.measure()
+    reporters = [JobReporter(connection, clock, job_id, settings.job_ttl_s, unqueue=waiting) for job_id in job_ids]
     for reporter in reporters:
         now = time.time()
         reporter.emit(Started(reporter.job_id, "bench/tiny", "bench-worker", now), JobState.running, **{jobs.STARTED_AT: now})

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from bench.figure import spread
 from bench.proc import cpu_seconds
 from hive.submit import Submitter
+from shared.clock import RedisClock
 from shared.settings import Settings
 from shared.spec import InferenceRequest
 from tests import processes
@@ -40,7 +41,9 @@ REQUEST = InferenceRequest(model="bench/tiny", prompt="The quick brown fox jumps
 
 async def submit_for(settings: Settings, sync: redis.Redis, seconds: float, concurrency: int) -> int:
     connection = aioredis.Redis.from_url(settings.redis_url, max_connections=concurrency)
-    submitter = Submitter(settings, connection, sync)
+    clock = RedisClock(sync)
+    clock.measure()
+    submitter = Submitter(settings, connection, sync, clock)
     done = 0
     end = time.perf_counter() + seconds
 
