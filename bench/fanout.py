@@ -134,7 +134,7 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
     connection = redis.Redis.from_url(redis_url)
     clock = RedisClock(connection)
     writer = StepWriter(connection)
-    waiting = (keys.queued(QUEUE), keys.queued_for_model(QUEUE, MODEL))
+    waiting = (keys.queued(QUEUE), keys.queued_for_model(QUEUE, MODEL), keys.fair(QUEUE))
     reporters = [JobReporter(connection, clock, job_id, 3600, unqueue=waiting) for job_id in job_ids]
     # No lease: this producer renews none, and the hive's reaper would fail the jobs.
     connection.zrem(keys.RUNNING, *job_ids)
