@@ -44,25 +44,15 @@ def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, mo
     log_dir.mkdir(parents=True, exist_ok=True)
     hub_proc, hub_url = processes.start_hub(models, log_dir)
     cluster = SentinelCluster(log_dir, work)
-    hive = worker = None
     try:
         cluster.start()
-        port = processes.free_port()
-        url = f"http://127.0.0.1:{port}"
-        hive = processes.start(
-            "hive",
-            processes.hive_command("serve", "--redis-url", cluster.url, "--port", str(port), "--redis-min-replicas", str(min_replicas)),
-            log_dir,
+        url, hive, worker = cluster.serve(
+            hub_url,
+            work / "hf",
+            name="failover",
+            hive_args=("--redis-min-replicas", str(min_replicas)),
+            worker_args=("--max-batch", str(batch), "--token-delay-ms", str(delay_ms)),
         )
-        worker = processes.start(
-            "worker",
-            processes.hive_command(
-                "worker", "--redis-url", cluster.url, "--device", "cpu", "--max-batch", str(batch), "--token-delay-ms", str(delay_ms)
-            ),
-            log_dir,
-            env={"HF_ENDPOINT": hub_url, "HF_HOME": str(work / "hf")},
-        )
-        processes.wait_until(lambda: processes.health(url).get("workers") == 1, processes.STARTUP_TIMEOUT_S, "cluster", (hive, worker))
         # Warm: the model is loaded before the measured jobs.
         follow(url, httpx.post(f"{url}/v1/inference", json={"model": "acme/tiny", "prompt": "x", "max_tokens": 2}).json()["sse_url"])
         submitted = []
@@ -121,9 +111,6 @@ def one_round(mode: str, jobs: int, batch: int, tokens: int, delay_ms: float, mo
             "worker_alive": worker.process.poll() is None,
         }
     finally:
-        for proc in (worker, hive):
-            if proc is not None:
-                proc.stop()
         cluster.stop()
         hub_proc.stop()
 

@@ -22,6 +22,7 @@ import redis.exceptions
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from shared import events, keys
+from shared.connections import REDIS_DOWN
 from shared.events import DONE_FRAME, TERMINAL_TYPES, Error
 
 from .inbox import Follower
@@ -41,7 +42,6 @@ OUTAGE_GRACE_S = 8.0
 OUTAGE_POLL_S = 0.5
 #: With Sentinel, how often the relay checks that it listens to the master.
 MASTER_CHECK_S = 1.0
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 Frame = tuple[int, str, bytes]  # (seq, type, SSE bytes)
 
@@ -178,7 +178,7 @@ class EventRelay:
                 raise
             except Exception as e:  # connection loop boundary: log, back off, resubscribe
                 self._reconnecting = True
-                if isinstance(e, _REDIS_DOWN):  # an outage or a failover: said, not a bug
+                if isinstance(e, REDIS_DOWN):  # an outage or a failover: said, not a bug
                     log.warning("relay lost its Redis subscription (%s); reconnecting", e)
                 else:
                     log.exception("relay lost its Redis subscription; reconnecting")
@@ -275,7 +275,7 @@ class EventRelay:
                     down_since = None
                     yield frame
                 return
-            except (*_REDIS_DOWN, asyncio.TimeoutError) as e:
+            except (*REDIS_DOWN, asyncio.TimeoutError) as e:
                 now = time.monotonic()
                 down_since = down_since or now
                 if now - down_since < OUTAGE_GRACE_S and not (self.stopping is not None and self.stopping.is_set()):
@@ -358,7 +358,7 @@ class EventRelay:
                     pending, from_log = await self.read_log(job_id, last), True
                     continue  # the inbox's frames next round: those already sent are skipped
                 pending = follower.take()
-        except (*_REDIS_DOWN, asyncio.TimeoutError):
+        except (*REDIS_DOWN, asyncio.TimeoutError):
             redis_lost = True  # follow() waits for Redis and follows again: not abandoned
             raise
         finally:

@@ -41,7 +41,10 @@ from .redis_url import SentinelTarget, is_sentinel, parse_sentinel_url
 from .settings import redact_url
 
 RETRIES = 3
-_RETRY_ON = [ConnectionError, TimeoutError]
+#: What a Redis that cannot be reached raises (WritesRefused included): retried, then
+#: waited out (the worker) or answered 503 (the hive); never a bug.
+REDIS_DOWN = (ConnectionError, TimeoutError)
+_RETRY_ON = list(REDIS_DOWN)
 POOL_SIZE = 64
 #: How long a command waits for a free pooled connection before it fails.
 POOL_TIMEOUT_S = 10.0
@@ -147,7 +150,7 @@ def _answers(client: redis.Redis, url: str) -> bool:
         raise RedisUnusable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
     except redis.ResponseError as e:  # NOAUTH and the like: a setting, not a moment
         raise RedisUnusable(f"Redis at {redact_url(url)} refused the connection: {e}") from e
-    except (ConnectionError, TimeoutError):
+    except REDIS_DOWN:
         return False
 
 
@@ -173,8 +176,16 @@ def takes_writes(client: redis.Redis) -> bool:
     try:
         client.set(keys.WRITE_PROBE, 1, px=keys.WRITE_PROBE_TTL_MS)
         return True
-    except (ConnectionError, TimeoutError):
+    except REDIS_DOWN:
         return False
+
+
+def wait_for_writes(client: redis.Redis) -> float:
+    """Blocks until Redis takes writes again; returns how long that took."""
+    down_since = time.monotonic()
+    while not takes_writes(client):
+        time.sleep(WAIT_POLL_S)
+    return time.monotonic() - down_since
 
 
 def wait_for_redis(client: redis.Redis, url: str, who: str, log: logging.Logger) -> None:

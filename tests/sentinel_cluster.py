@@ -25,6 +25,8 @@ class SentinelCluster:
     data_dir: Path
     nodes: dict[int, processes.Proc] = field(default_factory=dict)  # port → redis-server
     sentinels: dict[int, processes.Proc] = field(default_factory=dict)
+    #: The hive and worker started by ``serve``: stopped first.
+    clients: list[processes.Proc] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -105,8 +107,27 @@ class SentinelCluster:
         processes.wait_until(lambda: _role(old) == ("slave", "up"), 30, "the old master demoted")
         return new
 
+    def serve(
+        self, hub_url: str, hf_home: Path, name: str = "sentinel", hive_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ()
+    ) -> tuple[str, processes.Proc, processes.Proc]:
+        """A `hive serve` and a CPU `hive worker` on this deployment's Sentinel URL,
+        returned once the hive lists the worker: (the hive's URL, the hive, the worker)."""
+        port = processes.free_port()
+        url = f"http://127.0.0.1:{port}"
+        hive = processes.start(f"hive-{name}", processes.hive_command("serve", "--redis-url", self.url, "--port", str(port), *hive_args), self.log_dir)
+        self.clients.append(hive)
+        worker = processes.start(
+            f"worker-{name}",
+            processes.hive_command("worker", "--redis-url", self.url, "--device", "cpu", *worker_args),
+            self.log_dir,
+            env={"HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home)},
+        )
+        self.clients.append(worker)
+        processes.wait_until(lambda: processes.health(url).get("workers") == 1, processes.STARTUP_TIMEOUT_S, "hive and worker", (hive, worker))
+        return url, hive, worker
+
     def stop(self) -> None:
-        for proc in (*self.sentinels.values(), *self.nodes.values()):
+        for proc in (*reversed(self.clients), *self.sentinels.values(), *self.nodes.values()):
             proc.stop()
 
 

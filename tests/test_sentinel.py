@@ -27,26 +27,12 @@ def ha(log_dir, hub, tmp_path_factory):
     """(the Sentinel cluster, the hive's URL, the hive, the worker)."""
     data = tmp_path_factory.mktemp("sentinel")
     cluster = SentinelCluster(log_dir, data)
-    hive = worker = None
     try:
         cluster.start()
-        port = processes.free_port()
-        url = f"http://127.0.0.1:{port}"
-        hive = processes.start("hive-sentinel", processes.hive_command("serve", "--redis-url", cluster.url, "--port", str(port)), log_dir)
-        worker = processes.start(
-            "worker-sentinel",
-            processes.hive_command("worker", "--redis-url", cluster.url, "--device", "cpu", "--token-delay-ms", "20", "--max-batch", "4"),
-            log_dir,
-            env={"HF_ENDPOINT": hub.url, "HF_HOME": str(data / "hf")},
-        )
-        processes.wait_until(lambda: processes.health(url).get("workers") == 1, processes.STARTUP_TIMEOUT_S, "cluster", (hive, worker))
+        url, hive, worker = cluster.serve(hub.url, data / "hf", worker_args=("--token-delay-ms", "20", "--max-batch", "4"))
         yield cluster, url, hive, worker
     finally:
-        for proc in (worker, hive):
-            if proc is not None:
-                proc.stop()
         cluster.stop()
-
 
 def _on_replicas(cluster: SentinelCluster, key: str) -> int:
     master = cluster.master_port()

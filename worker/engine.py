@@ -24,6 +24,7 @@ from collections.abc import Callable
 import redis
 import torch
 
+from shared.connections import REDIS_DOWN
 from shared.events import Token
 
 from .batch import Batch, Slot
@@ -34,7 +35,6 @@ from .step_writer import StepWriter
 log = logging.getLogger(__name__)
 
 #: Redis could not be reached, even after the client's own retries.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 #: Prompt tokens one step prefills beside the decode, before the scheduler scales it
 #: (``Scheduler.budget``): a chunk delays the running streams' next token by about

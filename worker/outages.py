@@ -21,11 +21,9 @@ from typing import TypeVar
 import redis
 from rq import Queue
 
-from shared.connections import wait_for_redis
+from shared.connections import REDIS_DOWN, wait_for_redis
 
 log = logging.getLogger(__name__)
-
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 T = TypeVar("T")
 

@@ -25,14 +25,14 @@ from rq.timeouts import JobTimeoutException
 
 from shared import jobs, keys
 from shared.clock import RedisClock
-from shared.connections import takes_writes
+from shared.connections import REDIS_DOWN, wait_for_writes
 from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
 
 from .cancel import CancelListener
 from .download import fetch_model
-from .engine import REDIS_DOWN, Engine
+from .engine import Engine
 from .lease import LeaseRenewal
 from .metrics import MeasuredReporter, WorkerMetrics
 from .models import LoadedModel, ModelCache, resolve_devices
@@ -42,7 +42,6 @@ from .sequence import SamplingParams, Sequence, eos_ids
 
 log = logging.getLogger(__name__)
 
-OUTAGE_POLL_S = 0.5
 #: How long start-up waits for the first reading of Redis's clock.
 CLOCK_WAIT_S = 10.0
 #: How often a job's thread wakes while the engine runs its job: RQ's timeout
@@ -229,10 +228,7 @@ class WorkerRuntime:
         error, unless a hive's reaper took it over meanwhile (the lease decides,
         as between two reapers) or Redis came back without it."""
         log.warning("job %s: lost Redis (%s); waiting for it to come back", job.job_id, error)
-        down_since = time.monotonic()
-        while not takes_writes(self.redis):
-            time.sleep(OUTAGE_POLL_S)
-        outage_s = time.monotonic() - down_since
+        outage_s = wait_for_writes(self.redis)
         if not self.leases.reclaim(job):
             log.warning("job %s: Redis is back after %.1f s; a hive has taken the job over", job.job_id, outage_s)
             return

@@ -20,17 +20,13 @@ job's record still gets its whole output when it ends.
 from __future__ import annotations
 
 import logging
-import time
 
 import redis
 
-from shared.connections import takes_writes
+from shared.connections import REDIS_DOWN, wait_for_writes
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-#: How often the writer asks whether Redis is back.
-OUTAGE_POLL_S = 0.2
 
 
 class StepWriter:
@@ -83,10 +79,7 @@ class StepWriter:
         self._drop()
         self.commands_lost += unconfirmed
         log.warning("lost Redis (%s): %d commands unconfirmed; the batch waits for Redis", error, unconfirmed)
-        down_since = time.monotonic()
-        while not takes_writes(self._redis):
-            time.sleep(OUTAGE_POLL_S)
-        log.warning("Redis answers again after %.1f s; the batch goes on", time.monotonic() - down_since)
+        log.warning("Redis answers again after %.1f s; the batch goes on", wait_for_writes(self._redis))
 
     def _went_stale(self) -> bool:
         """Whether the kept connection, all its replies read, has something to read
@@ -94,7 +87,7 @@ class StepWriter:
         own check before it lends a connection, which a kept one skips; one poll."""
         try:
             return self._connection.can_read()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (*REDIS_DOWN, OSError):
             return True
 
     def _drop(self) -> None:
