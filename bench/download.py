@@ -5,8 +5,8 @@
     python -m bench.download --rounds 3 --no-write
 
 A 135M-shaped Llama (0.5 GB, two safetensors shards) is served unthrottled by
-``python -m hive.hub_mirror``. Each round downloads it once each way into a fresh,
-empty hub cache, the order alternating between rounds: ``worker.download.fetch_model``
+``python -m hive.hub.folders``. Each round downloads it once each way into a fresh,
+empty hub cache, the order alternating between rounds: ``worker.model.download.fetch_model``
 with the worker's emit (each ``download`` event through a real ``JobReporter``:
 XADD + PUBLISH pipelined to a real redis-server), and ``hf_hub_download`` of the
 same files. Both sides run in one child process started with ``HF_ENDPOINT`` set,
@@ -44,8 +44,8 @@ def measure(redis_url: str, scratch: Path, rounds: int) -> dict:
     from huggingface_hub import HfApi, constants, hf_hub_download
 
     from shared.clock import RedisClock
-    from worker.download import HUB_CHUNK_BYTES, _wanted, fetch_model
-    from worker.reporter import JobReporter
+    from worker.cluster.reporter import JobReporter
+    from worker.model.download import HUB_CHUNK_BYTES, _wanted, fetch_model
 
     default_chunk = constants.DOWNLOAD_CHUNK_SIZE  # fetch_model sets its own, for the whole process
     info = HfApi().model_info(REPO, files_metadata=True)
@@ -135,10 +135,10 @@ Command: `python -m bench.download --rounds {rounds}`. Machine: {machine()}.
 Measured {time.strftime('%Y-%m-%d')}.
 
 A random-weights Llama shaped like SmolLM2-135M ({result['files']} files, {result['bytes'] / 2**20:.0f} MiB, the weights in two
-safetensors shards) served unthrottled over loopback by `python -m hive.hub_mirror`. Each round
+safetensors shards) served unthrottled over loopback by `python -m hive.hub.folders`. Each round
 downloads it once each way into a fresh, empty hub cache (deleted after), the order alternating;
 {rounds} rounds after one untimed round of each. "fetch_model + events" is
-`worker.download.fetch_model` as the worker calls it: the hub's file list
+`worker.model.download.fetch_model` as the worker calls it: the hub's file list
 (`model_info`), the download lock, 256 KiB chunks, and each `download` event
 ({spread([float(n) for n in result['events']], '.0f')} a download, at most 10 a second) sent through a real `JobReporter`
 (XADD + PUBLISH pipelined to a real redis-server). "hf_hub_download" is

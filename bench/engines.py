@@ -1,5 +1,5 @@
-"""Which batching engine: Hive's own (worker/engine.py: one packed forward pass per
-step over transformers' model classes, worker/batch.py) against transformers' ``ContinuousBatchingManager``
+"""Which batching engine: Hive's own (worker/engine/step_loop.py: one packed forward pass per
+step over transformers' model classes, worker/engine/batch.py) against transformers' ``ContinuousBatchingManager``
 (paged attention over ``attn_implementation="sdpa"``), in one process, on the
 same 135M-shaped weights, with N requests of the batching benchmark's two cases.
 No Redis and no HTTP: the engines alone.
@@ -32,10 +32,10 @@ class _Silent:
 
 
 def hive_engine(model, tokenizer, requests) -> tuple[float, float]:
-    """(tokens/s, median first-token seconds) through worker.engine.Engine."""
-    from worker.engine import Engine
-    from worker.running import RunningJob
-    from worker.sequence import SamplingParams, Sequence
+    """(tokens/s, median first-token seconds) through worker.engine.step_loop.Engine."""
+    from worker.engine.running_job import RunningJob
+    from worker.engine.sequence import SamplingParams, Sequence
+    from worker.engine.step_loop import Engine
 
     engine = Engine(model, "bench", None, max(len(requests), 1), lambda: 1 << 40, _Silent())
     jobs = []
@@ -43,7 +43,7 @@ def hive_engine(model, tokenizer, requests) -> tuple[float, float]:
     for k, (ids, max_tokens) in enumerate(requests):
         job = RunningJob(str(k), "bench", reporter=_Silent())
         job.sequence = Sequence(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, temperature=0), frozenset())
-        engine.submit(job)
+        engine.add_job(job)
         jobs.append(job)
     for job in jobs:
         job.done.wait()
@@ -56,9 +56,9 @@ def divergence(model, tokenizer, requests) -> tuple[int, int, int, int]:
     """Greedy tokens through the engine as one batch against each request alone:
     (sequences identical, sequences, tokens that differ, tokens compared). After a
     first difference a sequence follows another path, so every later token counts."""
-    from worker.engine import Engine
-    from worker.running import RunningJob
-    from worker.sequence import SamplingParams, Sequence, generate_alone
+    from worker.engine.running_job import RunningJob
+    from worker.engine.sequence import SamplingParams, Sequence, generate_alone
+    from worker.engine.step_loop import Engine
 
     params = [SamplingParams(max_tokens=m, temperature=0) for _, m in requests]
     alone = [[step.text for step in generate_alone(model, tokenizer, ids, p)] for (ids, _), p in zip(requests, params)]
@@ -67,7 +67,7 @@ def divergence(model, tokenizer, requests) -> tuple[int, int, int, int]:
     for k, ((ids, _), p) in enumerate(zip(requests, params)):
         job = RunningJob(str(k), "bench", reporter=_Silent())
         job.sequence = Sequence(model, tokenizer, ids, p, frozenset())
-        engine.submit(job)
+        engine.add_job(job)
         jobs.append(job)
     for job in jobs:
         job.done.wait()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
 
 `python -m bench.engines --n {args.n} --runs {args.runs}`, {time.strftime('%Y-%m-%d')}, this machine, in one process,
 the batching benchmark's 135M-shaped weights and requests (greedy, fp32, CPU): Hive's engine
-(`worker/engine.py`, packed steps) against transformers' `ContinuousBatchingManager` (`init_continuous_batching`,
+(`worker/engine/step_loop.py`, packed steps) against transformers' `ContinuousBatchingManager` (`init_continuous_batching`,
 paged attention over `attn_implementation="sdpa"`, streaming requests), medians of {args.runs} runs with min–max.
 
 {table}

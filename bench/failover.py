@@ -20,7 +20,6 @@ the failover began, and how many jobs accepted (202) around it were gone afterwa
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import threading
 import time

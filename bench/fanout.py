@@ -10,7 +10,7 @@ one client process (raw asyncio streams, a regex over the bytes: cheap, so the
 client keeps up; its CPU is reported). Memory per idle stream: the hive's VmRSS
 with those streams open on jobs that have no events, less its VmRSS before, per
 stream. Then, per round, a producer process publishes into the jobs as a worker
-does (``worker.reporter.JobReporter``: XADD + PUBLISH, one pipelined round trip
+does (``worker.cluster.reporter.JobReporter``: XADD + PUBLISH, one pipelined round trip
 per event), paced to ``--rate`` delivered events per second in total, each token
 carrying its send time (``time.time_ns()``) so the client measures publish →
 receipt latency. Targets: p99 ≤ 50 ms at 20,000 events/s delivered; ≤ 50 KB of
@@ -128,8 +128,8 @@ def producer_main(redis_url: str, job_ids: list[str], rate: float, seconds: floa
     from shared import keys
     from shared.clock import RedisClock
     from shared.events import Token
-    from worker.reporter import JobReporter
-    from worker.step_writer import StepWriter
+    from worker.cluster.reporter import JobReporter
+    from worker.engine.step_writer import StepWriter
 
     connection = redis.Redis.from_url(redis_url)
     clock = RedisClock(connection)

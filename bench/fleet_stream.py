@@ -21,8 +21,7 @@ from bench.fleet_cluster import (
     WORKERS,
     Cluster,
 )
-from shared import jobs as job_fields
-from shared import keys
+from shared import job_record, keys
 
 
 @dataclass
@@ -122,7 +121,7 @@ async def run_stream(cluster: Cluster, rate_per_s: float, count: int, max_tokens
             start = time.perf_counter()
             submitted = (await client.post("/v1/inference", json=body)).json()
             job.job_id = submitted["job_id"]
-            routed = (await connection.hget(keys.job(job.job_id), job_fields.RQ_QUEUE) or b"").decode()
+            routed = (await connection.hget(keys.job(job.job_id), job_record.RQ_QUEUE) or b"").decode()
             job.routed_to = routed.removeprefix(own_prefix) if routed.startswith(own_prefix) else "shared"
             async with aconnect_sse(client, "GET", submitted["sse_url"]) as source:
                 async for sse in source.aiter_sse():

@@ -6,11 +6,11 @@ transformers' ``from_pretrained`` on the same checkpoint, side by side in one pr
 
 The checkpoint is shaped like SmolLM2-135M (random weights, float32, two
 safetensors shards). Each round loads it once each way onto the CPU in float32,
-the order alternating between rounds: ``worker.loader.load_layer_by_layer`` with an
+the order alternating between rounds: ``worker.model.loader.load_layer_by_layer`` with an
 ``on_layer`` that does what the worker's does (a ``loading`` event through a real
 ``JobReporter``: XADD + PUBLISH pipelined to a real redis-server), and
 ``AutoModelForCausalLM.from_pretrained(dir, dtype=float32, device_map="cpu")``, what
-``worker.loader.load_model`` falls back to. Before each load the shards are read
+``worker.model.loader.load_model`` falls back to. Before each load the shards are read
 once, so both sides find them in the OS page cache: this compares the two loaders,
 not the disk. Target: at most 1.0×.
 """
@@ -49,8 +49,8 @@ def load_with_progress(folder: Path, connection) -> float:
 
     from shared.clock import RedisClock
     from shared.events import Loading
-    from worker.loader import load_layer_by_layer
-    from worker.reporter import JobReporter
+    from worker.cluster.reporter import JobReporter
+    from worker.model.loader import load_layer_by_layer
 
     reporter = JobReporter(connection, RedisClock(connection), f"bench-load-{uuid.uuid4().hex}", 60)
     events = []
@@ -129,10 +129,10 @@ Measured {time.strftime('%Y-%m-%d')}.
 A random-weights Llama shaped like SmolLM2-135M (0.5 GB of float32 weights in two safetensors
 shards) loaded onto the CPU in float32, {rounds} rounds, the two loaders alternating in one
 process (the first of each round alternates too; one untimed load each first). "layer by layer" is
-`worker.loader.load_layer_by_layer` with the worker's `on_layer`: a `loading` event per layer
+`worker.model.loader.load_layer_by_layer` with the worker's `on_layer`: a `loading` event per layer
 through a real `JobReporter` (XADD + PUBLISH pipelined to a real redis-server), 30 in all.
 "from_pretrained" is `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32,
-device_map="cpu")`, what `worker.loader.load_model` falls back to. The shards are read once
+device_map="cpu")`, what `worker.model.loader.load_model` falls back to. The shards are read once
 before every load, so both find them in the OS page cache: the disk is out of the comparison.
 Medians, min–max in brackets; the ratio is taken per round, then the median.
 
@@ -148,7 +148,7 @@ parameter; placing the weights (`set_module_tensor_to_device`) is under 10%. `fr
 skips that initialisation. Building the empty model inside
 `transformers.initialization.no_init_weights()` as well cut it from ~230 ms to ~20 ms here, and
 the whole layer-by-layer load to about half of `from_pretrained`'s time with identical logits;
-`worker/loader.py` does so since (before: 1.62×, 1.19–2.21×, over 7 rounds; the figures above are after).
+`worker/model/loader.py` does so since (before: 1.62×, 1.19–2.21×, over 7 rounds; the figures above are after).
 """
     replace_section("Load", section)
 

@@ -47,8 +47,8 @@ from bench.proc import cpu_seconds
 from shared.clock import RedisClock
 from shared.events import Token
 from tests import processes
-from worker.reporter import JobReporter
-from worker.step_writer import StepWriter
+from worker.cluster.reporter import JobReporter
+from worker.engine.step_writer import StepWriter
 
 #: The benchmark's own commands, left out of the counts.
 OWN = {"config|resetstat", "info", "flushall", "ping"}

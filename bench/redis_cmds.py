@@ -187,7 +187,7 @@ Medians, min–max in brackets.
 {verdict}
 
 Per token the worker sends one pipelined round trip: XADD to the job's replay log and PUBLISH
-to its live channel (`worker/reporter.py`); the hive's relay receives the pub/sub message,
+to its live channel (`worker/cluster/reporter.py`); the hive's relay receives the pub/sub message,
 which is not a command, and reads the log (XRANGE) only to catch up when a follower connects
 or falls behind. Outside the token loop: the submit's MULTI (job record, queue, index), RQ's
 enqueue, dequeue and finish bookkeeping, the worker taking the job (`JobReporter`: one MULTI)

@@ -6,7 +6,7 @@ stated load.
     python -m bench.redis_memory --sizes 1000 --jobs 50
 
 Real parts: a redis-server of its own on a free port (no persistence: memory
-is the same either way), the hive's own submit script (``hive.submit.Submitter``:
+is the same either way), the hive's own submit script (``hive.jobs.submit.Submitter``:
 the job record, its ``queued`` event, the jobs index and RQ's job hash), RQ's
 own bookkeeping on success played by the benchmark (the queue entry popped and,
 as ``result_ttl=0`` makes RQ do, its job hash deleted), then the worker's own
@@ -38,15 +38,15 @@ import redis.asyncio as aioredis
 from rq import Queue
 
 from bench.figure import spread
-from hive.submit import Submitter
-from shared import jobs, keys
+from hive.jobs.submit import Submitter
+from shared import job_record, keys
 from shared.clock import RedisClock
 from shared.events import End, Started, Token
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState
 from tests import processes
-from worker.reporter import JobReporter
-from worker.step_writer import StepWriter
+from worker.cluster.reporter import JobReporter
+from worker.engine.step_writer import StepWriter
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 WORDS = [" " + w for w in "the quick brown fox jumps over a lazy dog and then runs into the woods , where it".split()]
@@ -68,7 +68,7 @@ async def submit_all(settings: Settings, sync: redis.Redis, count: int, max_toke
         clock.measure()
         submitter = Submitter(settings, connection, sync, clock)
         request = InferenceRequest(model="bench/tiny", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
-        return [(await submitter.submit(request, owner="")).job_id for _ in range(count)]
+        return [(await submitter.enqueue(request, owner="")).job_id for _ in range(count)]
     finally:
         await connection.aclose()
 
@@ -88,7 +88,7 @@ def one_size(settings: Settings, connection: redis.Redis, count: int, tokens: in
     reporters = [JobReporter(connection, clock, job_id, settings.job_ttl_s, unqueue=waiting) for job_id in job_ids]
     for reporter in reporters:
         now = time.time()
-        reporter.emit(Started(reporter.job_id, "bench/tiny", "bench-worker", now), JobState.running, **{jobs.STARTED_AT: now})
+        reporter.emit(Started(reporter.job_id, "bench/tiny", "bench-worker", now), JobState.running, **{job_record.STARTED_AT: now})
     writer = StepWriter(connection)
     for i in range(tokens):
         writer.send([c for r in reporters for c in r.token_commands(Token(WORDS[i % len(WORDS)], i))])
@@ -101,8 +101,8 @@ def one_size(settings: Settings, connection: redis.Redis, count: int, tokens: in
     for reporter in reporters:
         reporter.finish(
             End(tokens, 1000.0, 50.0, "max_tokens"), JobState.completed,
-            **{jobs.OUTPUT: output, jobs.TOKENS_OUT: tokens, jobs.TTFT_MS: 50.0, jobs.DECODE_TIME_MS: 1000.0,
-               jobs.LOAD_MS: 0.0, jobs.STOP_REASON: "max_tokens", jobs.PROMPT_TOKENS: 11},
+            **{job_record.OUTPUT: output, job_record.TOKENS_OUT: tokens, job_record.TTFT_MS: 50.0, job_record.DECODE_TIME_MS: 1000.0,
+               job_record.LOAD_MS: 0.0, job_record.STOP_REASON: "max_tokens", job_record.PROMPT_TOKENS: 11},
         )
     mem_finished = used_memory(connection)
     log_after = [usage(connection, keys.job_events(j)) for j in job_ids]

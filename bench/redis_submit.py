@@ -4,7 +4,7 @@ per second one Redis core carries.
     python -m bench.redis_submit --rounds 3 --seconds 4 --concurrency 32
 
 Real parts: a redis-server of its own on a free port (no persistence) and the
-hive's own submit (``hive.submit.Submitter``: one Lua script writing the job's
+hive's own submit (``hive.jobs.submit.Submitter``: one Lua script writing the job's
 record, its ``queued`` event, the jobs index, the waiting sets and RQ's job hash
 and queue entry), called from this process without HTTP: ``--concurrency``
 submits in flight on one asyncio loop, for ``--seconds`` a round, no worker (the
@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from bench.figure import spread
 from bench.proc import cpu_seconds
-from hive.submit import Submitter
+from hive.jobs.submit import Submitter
 from shared.clock import RedisClock
 from shared.settings import Settings
 from shared.spec import InferenceRequest
@@ -50,7 +50,7 @@ async def submit_for(settings: Settings, sync: redis.Redis, seconds: float, conc
     async def loop() -> None:
         nonlocal done
         while time.perf_counter() < end:
-            await submitter.submit(REQUEST, owner="")
+            await submitter.enqueue(REQUEST, owner="")
             done += 1
 
     try:

@@ -66,7 +66,7 @@ def rate(times: list[float]) -> float:
 
 def in_process_run(model, tokenizer, max_tokens: int) -> Run:
     from shared.spec import InferenceRequest
-    from worker.sequence import SamplingParams, generate_alone
+    from worker.engine.sequence import SamplingParams, generate_alone
     from worker.runtime import encode_prompt
 
     request = InferenceRequest(model="bench/x", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
@@ -142,7 +142,7 @@ def bench_model(name: str, folder: Path, client: httpx.Client, runs: int, ttft_r
     import torch
     from transformers import AutoTokenizer
 
-    from worker.loader import load_layer_by_layer
+    from worker.model.loader import load_layer_by_layer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = load_layer_by_layer(folder, torch.device("cpu"))

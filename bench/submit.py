@@ -14,7 +14,7 @@ N keep-alive connections posting a small valid body, in a closed loop (the most
 the hive answers) and open loops at the target rate and at a rate it keeps up with.
 
 The reference: ``rq.Queue.enqueue_call`` (JSONSerializer, the function name the
-hive uses, ``shared.jobs.RUN_INFERENCE``) in a loop from one Python process, for
+hive uses, ``shared.job_record.RUN_INFERENCE``) in a loop from one Python process, for
 the same seconds. Target: at least 1,500 submits per second with p99 at most 50 ms.
 """
 
@@ -41,7 +41,7 @@ from bench.figure import Figure, spread
 from bench.http_load import load, percentile
 from bench.proc import cpu_seconds
 from bench.profile import Layer, shares
-from shared.jobs import RUN_INFERENCE
+from shared.job_record import RUN_INFERENCE
 from tests import processes
 
 QUEUE = "hive:bench-submit"
@@ -63,7 +63,7 @@ LAYERS = [
 ]
 #: Inclusive shares of these frames: the submit's steps.
 STEPS = [
-    Layer("Submitter.submit, all of it", ("Submitter.submit",)),
+    Layer("Submitter.enqueue, all of it", ("Submitter.enqueue",)),
     Layer("  RQ's job hash (Submitter._rq_job_fields)", ("Submitter._rq_job_fields",)),
     Layer("  the submit script's round trip (EVALSHA, client side)", ("AsyncScript.__call__",)),
 ]
@@ -265,7 +265,7 @@ What changed, from profiles (py-spy on the hive):
 | three round trips per submit in the thread pool, redis-py's Python parser, h11 (issue 6's first run) | 381 | 2.8 s (459/s achieved) |
 | + hiredis | 459–488 | 2.8 s |
 | + one Lua script per submit, from the event loop (`redis.asyncio`), RQ's hash written by the script | 1,325–1,904 (h11: 1,345–1,379) | 25–270 ms |
-| + httptools and uvloop (`hive/http_server.py`) | in the row above | |
+| + httptools and uvloop (`hive/server.py`) | in the row above | |
 | + a second hive process (`--processes 2`) | 1,970–2,618 | 39–42 ms |
 
 One hive process is CPU-bound at one core from about 1,300–1,900 submits/s: at 1,500/s offered

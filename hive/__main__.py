@@ -1,3 +1,3 @@
-from .cli import main
+from hive.cli import main
 
 main()

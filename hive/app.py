@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -12,44 +11,30 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from hive.api.admin import routes as admin_routes
+from hive.api.auth import Auth
+from hive.api.console import routes as console_routes
+from hive.api.error_handlers import EXCEPTION_HANDLERS
+from hive.api.fleet import Fleet
+from hive.api.head_limit import HeaderLimit
+from hive.api.inference import routes
+from hive.api.metrics import app_metrics
+from hive.api.metrics import routes as metrics_routes
+from hive.api.state import Hive
+from hive.api.webhook_secret import routes as webhook_routes
+from hive.jobs.quotas import Quotas
+from hive.jobs.reaper import Reaper
+from hive.jobs.service import JobService
+from hive.openai.routes import routes as openai_routes
+from hive.streams.relay import EventRelay
+from hive.streams.sse import StallWatchdog
+from hive.webhooks.delivery import WebhookSender
+from hive.webhooks.secrets import WebhookSecrets
 from shared.clock import RedisClock
 from shared.connections import async_client, sync_client, wait_for_redis
 from shared.settings import Settings
 
-from .admin_api import routes as admin_routes
-from .api import routes
-from .console import routes as console_routes
-from .metrics import app_metrics
-from .metrics import routes as metrics_routes
-from .openai_api import routes as openai_routes
-from .auth import Auth
-from .errors import EXCEPTION_HANDLERS
-from .fleet import Fleet
-from .jobs import JobService
-from .quotas import Quotas
-from .limits import HeaderLimit
-from .reaper import Reaper
-from .relay import EventRelay
-from .sse import StallWatchdog
-from .webhook_delivery import WebhookSender
-from .webhooks import WebhookSecrets
-from .webhooks import routes as webhook_routes
-
 log = logging.getLogger("hive")
-
-
-@dataclass
-class Hive:
-    """What the endpoints share, on ``app.state.hive``."""
-
-    settings: Settings
-    jobs: JobService
-    relay: EventRelay
-    auth: Auth
-    fleet: Fleet
-    stalls: StallWatchdog
-    quotas: Quotas
-    webhook_secrets: WebhookSecrets
 
 
 def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
@@ -58,16 +43,16 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
     hub = None
     hub_routes = []
     if hub_root is not None:
-        from .hub_mirror import HubMirror
+        from hive.hub.folders import FolderHub
 
         # `hive up` serves its demo model from the folder rather than seeding a cache:
         # its worker shares the user's HF cache, where a seeded model would show no
         # download, and the demo must run with no upstream at all.
-        hub_routes = [Mount("/hub", app=HubMirror(hub_root).app())]
+        hub_routes = [Mount("/hub", app=FolderHub(hub_root).app())]
     elif settings.hub_upstream:
         from huggingface_hub import constants
 
-        from .hub_proxy import PullThroughMirror
+        from hive.hub.mirror import PullThroughMirror
 
         hub = PullThroughMirror(settings.hub_upstream, settings.hub_cache or constants.HF_HUB_CACHE)
         hub_routes = [Mount("/hub", app=hub.app())]

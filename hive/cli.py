@@ -11,9 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from hive.client.admin import register as register_admin_commands
 from shared import keys
-
-from .admin_cli import register as register_admin_commands
 from shared.settings import DEFAULT_PORT, DEMO_MODEL, WEBHOOK_RETRY_DELAYS, Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hive: LLM inference jobs on GPU workers, streamed over SSE.")
@@ -127,8 +126,8 @@ def serve(
 
     import uvicorn
 
-    from .app import create_app
-    from .auth import read_keys
+    from hive.api.auth import read_keys
+    from hive.app import create_app
 
     _logging(log_level)
     _check_redis(redis_url)
@@ -144,7 +143,7 @@ def serve(
     if hub and not hub_upstream.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{hub_upstream!r} is not an http(s) URL", param_hint="--hub-upstream")
     if key_limits:
-        from .quotas import LimitsFileError, Quotas
+        from hive.jobs.quotas import LimitsFileError, Quotas
 
         try:
             Quotas.from_file(key_limits, key_rate_per_min, key_max_in_flight)
@@ -177,7 +176,7 @@ def serve(
         webhook_retry_delays=retry_delays,
         webhook_allow_private=webhook_allow_private,
     )
-    from .http_server import SERVER_OPTIONS, ReusePortProcesses
+    from hive.server import SERVER_OPTIONS, ReusePortProcesses
 
     config = uvicorn.Config(
         functools.partial(create_app, settings),
@@ -298,7 +297,7 @@ def run(
     api_key: ApiKey = "",
 ) -> None:
     """Submit a prompt, show download and loading progress, print tokens as they arrive."""
-    from .client import run_prompt
+    from hive.client.run import run_prompt
 
     raise typer.Exit(run_prompt(url, _prompt_body(prompt, model, max_tokens, temperature, seed, stop), api_key=api_key))
 
@@ -323,9 +322,8 @@ def up(
     ] = None,
 ) -> None:
     """Redis, the hive and its workers on this machine, in the foreground. No GPU, Redis or network needed."""
+    from hive.embedded import run_up
     from shared.redis_url import is_sentinel
-
-    from .embedded import run_up
 
     _logging("info" if verbose else "warning")
     if redis_url is not None:

@@ -187,9 +187,9 @@ def run_up(
     ``redis_url``: a Redis (or Sentinel) to use instead of a private one."""
     import uvicorn
 
-    from .app import create_app
-    from .client import run_prompt
-    from .http_server import SERVER_OPTIONS
+    from hive.app import create_app
+    from hive.client.run import run_prompt
+    from hive.server import SERVER_OPTIONS
 
     console = Console(stderr=True)
     if port_in_use(settings.host, settings.port):

@@ -133,7 +133,7 @@ WRITE_PROBE_TTL_MS = 1000
 def key_in_flight(owner: str) -> str:
     """Sorted set: an API key's jobs in flight (queued or running), by submit time.
     Self-cleaning: the submit script drops the jobs that ended as it counts them
-    (hive/submit.py), so nothing else has to remember to."""
+    (hive/jobs/submit.py), so nothing else has to remember to."""
     return f"{PREFIX}:key:{owner}:in-flight"
 
 
@@ -157,17 +157,17 @@ ADMISSION_TTL_S = 30
 
 def fair(queue: str) -> str:
     """Sorted set: the jobs waiting on the shared queue, by their fair-share tag
-    (hive/submit.py); the shared RQ list is kept in this order."""
+    (hive/jobs/submit.py); the shared RQ list is kept in this order."""
     return f"{PREFIX}:fair:{queue}"
 
 
 def fair_tags(queue: str) -> str:
     """Hash: per API key, ``<round>:<job id>`` of its youngest job in ``fair``."""
     return f"{PREFIX}:fair-tags:{queue}"
-# Webhooks (shared/webhooks.py enqueues, hive/webhook_delivery.py delivers).
+# Webhooks (shared/webhooks.py enqueues, hive/webhooks/delivery.py delivers).
 
 #: String: the cluster's webhook secret, random, set once by the first hive that needs
-#: it (SET NX); each API key's signing secret is derived from it (hive/webhooks.py).
+#: it (SET NX); each API key's signing secret is derived from it (hive/webhooks/secrets.py).
 #: No TTL: losing it would change every key's secret.
 WEBHOOK_SECRET = f"{PREFIX}:webhooks:secret"
 

@@ -47,7 +47,7 @@ class Settings:
     #: listens on loopback only. Admin keys also see every job.
     api_keys: tuple[str, ...] = ()
     #: Hive: per API key, jobs created a minute and jobs in flight (0: no limit), and
-    #: a JSON file of per-key overrides and names (hive/quotas.py).
+    #: a JSON file of per-key overrides and names (hive/jobs/quotas.py).
     key_rate_per_min: float = 0.0
     key_max_in_flight: int = 0
     key_limits_file: str = ""

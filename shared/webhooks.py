@@ -5,12 +5,12 @@ Whoever writes the state that starts or ends a job (the worker's reporter, or th
 hive when it ends a job itself: a cancel while queued, a lost worker, a queue-wait
 TIMEOUT) adds ``enqueue`` to the same pipeline as that write, so no terminal state
 goes without its delivery, whichever process wrote it, and even while no hive
-runs. The hives deliver from Redis (hive/webhook_delivery.py).
+runs. The hives deliver from Redis (hive/webhooks/delivery.py).
 """
 
 from __future__ import annotations
 
-from . import jobs, keys
+from . import job_record, keys
 
 START = "start"
 OUTPUT = "output"
@@ -53,7 +53,7 @@ def enqueue(pipe, job_id: str, event: str, now: float, ttl_s: int) -> None:
     redis-py pipeline that writes the job's new state: put it after that write."""
     pipe.register_script(_ENQUEUE)(
         keys=[keys.job(job_id), keys.webhook_delivery(job_id, event)],
-        args=[event, now, ttl_s, keys.webhooks_due(""), keys.webhooks_output(""), job_id, jobs.SPEC, jobs.QUEUE],
+        args=[event, now, ttl_s, keys.webhooks_due(""), keys.webhooks_output(""), job_id, job_record.SPEC, job_record.QUEUE],
     )
 
 

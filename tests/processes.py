@@ -90,7 +90,7 @@ def start_redis(log_dir: Path) -> tuple[Proc, str]:
 def start_hub(root: Path, log_dir: Path, bytes_per_s: int = 0, access_log: bool = False, name: str = "hub") -> tuple[Proc, str]:
     """``access_log``: the log names every request, so a test can count what was served."""
     port = free_port()
-    command = [sys.executable, "-m", "hive.hub_mirror", str(root), "--port", str(port), "--bytes-per-s", str(bytes_per_s)]
+    command = [sys.executable, "-m", "hive.hub.folders", str(root), "--port", str(port), "--bytes-per-s", str(bytes_per_s)]
     proc = start(name, [*command, "--access-log"] if access_log else command, log_dir)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/api/models/none/none").status_code == 404, 20, "hub endpoint", (proc,))

@@ -187,7 +187,7 @@ def test_models_pull_ls_and_rm(cluster, hub):
         if model not in {m["id"] for m in hive_json("models", "ls", "--url", cluster.url)["data"]}:
             return True
         # The two clusters' workers share one hub cache and race for its lock on a
-        # delete: the loser lists the model until asked again (worker/presence.py).
+        # delete: the loser lists the model until asked again (worker/cluster/presence.py).
         hive("models", "rm", model, "--url", cluster.url)
         return False
 

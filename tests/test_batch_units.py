@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from worker.batch import Batch
+from worker.engine.batch import Batch
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -50,21 +50,21 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     with torch.inference_mode():
         expected = {k: reference(input_ids=torch.tensor([t])).logits[0] for k, t in texts.items()}
     batch.reserve(5, 128)
-    slots, fed = {}, {}
+    rows, fed = {}, {}
 
     def join(name):
-        slots[name] = batch.add(name, texts[name][: lengths[name]], lengths[name] + 40)
+        rows[name] = batch.add(name, texts[name][: lengths[name]], lengths[name] + 40)
         fed[name] = 0
 
     def step(chunks: dict[str, int]):
-        ready, logits = batch.forward({slots[k]: n for k, n in chunks.items()})
-        for slot, row in zip(ready, logits):
-            name = slot.owner
+        ready, logits = batch.forward({rows[k]: n for k, n in chunks.items()})
+        for row, logits_row in zip(ready, logits):
+            name = row.owner
             position = lengths[name] - 1 + fed[name]
-            torch.testing.assert_close(row, expected[name][position], atol=2e-4, rtol=1e-4, msg=f"{name} at {position}")
+            torch.testing.assert_close(logits_row, expected[name][position], atol=2e-4, rtol=1e-4, msg=f"{name} at {position}")
             fed[name] += 1
-            batch.feed(slot, texts[name][position + 1])
-        return sorted(slot.owner for slot in ready)
+            batch.feed(row, texts[name][position + 1])
+        return sorted(row.owner for row in ready)
 
     join("a")
     assert step({"a": 16}) == []  # a chunk that does not end the prompt gives no logits
@@ -76,8 +76,8 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     assert step({"c": 40, "d": 6}) == ["a", "b", "c", "d"]  # beside later chunks
     for _ in range(8):
         step({})
-    batch.remove(slots["a"])  # the last row (d) moves into a's
-    assert slots["d"].row == 0
+    batch.remove(rows["a"])  # the last row (d) moves into a's
+    assert rows["d"].index == 0
     join("e")
     join("f")
     assert step({"e": 9, "f": 9}) == ["b", "c", "d", "e", "f"]  # equal starting prompts: one write

@@ -225,8 +225,8 @@ def tight(redis_url, hub, log_dir, tmp_path_factory):
     the jobs below, not three."""
     import torch
 
-    from worker.kv_cache import round_columns
-    from worker.models import weights_bytes
+    from worker.engine.kv_cache import round_columns
+    from worker.model.loaded_models import weights_bytes
 
     weights = weights_bytes(DEMO_MODEL_DIR, torch.device("cpu"), "auto")
     per_token = 2 * 4 * 2 * 16 * 4  # K and V × 4 layers × 2 KV heads × 16 dims × fp32

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from hive.relay import EventRelay
+from hive.streams.relay import EventRelay
 from shared import events, keys
 from shared.events import End, Queued, Started, Token
 

@@ -13,8 +13,8 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from hive.embedded import _fake_redis_server, free_port
-from worker.outages import SlotQueue
-from worker.slots import SlotWorker
+from worker.cluster.rq_outages import SlotQueue
+from worker.cluster.rq_slots import SlotWorker
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from hive.auth import owner_of
+from hive.jobs.owners import owner_of
 from tests import processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]

@@ -12,22 +12,22 @@ from hive.cli import _memory_size
 from hive.embedded import worker_devices
 from shared.spec import InferenceRequest, parse_duration
 from tests.tiny_models import build_model
-from worker.loader import load_model
-from worker.models import LoadedModel, ModelCache, ModelTooLarge, resolve_devices, weights_bytes
+from worker.model.loaded_models import LoadedModel, LoadedModels, ModelTooLarge, resolve_devices, weights_bytes
+from worker.model.loader import load_model
 
 pytestmark = pytest.mark.unit
 
 CPU = torch.device("cpu")
 
 
-def held(cache: ModelCache, name: str, size: int, last_used: float) -> LoadedModel:
+def held(cache: LoadedModels, name: str, size: int, last_used: float) -> LoadedModel:
     loaded = LoadedModel(name, None, object(), object(), 1.0, size, last_used=last_used)
     cache._models[loaded.key] = loaded
     return loaded
 
 
 def test_make_room_unloads_least_recently_used_idle_models_first():
-    cache = ModelCache([CPU], budget_bytes=100)
+    cache = LoadedModels([CPU], budget_bytes=100)
     unloaded = []
     cache.on_unload = lambda repo_id, revision: unloaded.append(repo_id)
     held(cache, "a/old", 40, last_used=1.0)
@@ -42,7 +42,7 @@ def test_make_room_unloads_least_recently_used_idle_models_first():
 
 
 def test_keep_alive_zero_unloads_at_once_and_a_negative_one_never():
-    cache = ModelCache([CPU], budget_bytes=100, keep_alive_s=300)
+    cache = LoadedModels([CPU], budget_bytes=100, keep_alive_s=300)
     a = held(cache, "a/a", 10, 1.0)
     cache.release(a, 0)
     assert cache.kept() == []  # no longer offered to new jobs; unloaded once the job's end is out

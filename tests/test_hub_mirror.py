@@ -1,6 +1,6 @@
 """The hive's ``/hub`` as a pull-through mirror: workers with ``HF_ENDPOINT`` on the hive
 and caches of their own pull a cold model through it, and the upstream hub (a slow,
-access-logged ``python -m hive.hub_mirror``) serves each file once."""
+access-logged ``python -m hive.hub.folders``) serves each file once."""
 
 from __future__ import annotations
 

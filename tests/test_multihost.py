@@ -20,7 +20,7 @@ from httpx_sse import connect_sse
 from huggingface_hub import scan_cache_dir
 
 from tests import processes
-from tests.netns import Host, Network, NetnsUnavailable, connected_to, ip, listening_on
+from tests.netns import Host, NetnsUnavailable, Network, connected_to, ip, listening_on
 from tests.sse import follow
 from tests.tiny_models import build_model
 
@@ -91,7 +91,7 @@ def cluster(log_dir, tmp_path_factory):
         )  # fmt: skip
         upstream = net.start_process(
             upstream_host, "mh-upstream",
-            [sys.executable, "-m", "hive.hub_mirror", str(root), "--host", upstream_host.address, "--port", "8080",
+            [sys.executable, "-m", "hive.hub.folders", str(root), "--host", upstream_host.address, "--port", "8080",
              "--bytes-per-s", str(UPSTREAM_BYTES_PER_S), "--access-log"],
             log_dir, host_env(homes["upstream"]),
         )  # fmt: skip

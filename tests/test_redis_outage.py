@@ -11,13 +11,13 @@ import httpx
 import pytest
 import redis
 
-from hive.relay import OUTAGE_GRACE_S
+from hive.streams.relay import OUTAGE_GRACE_S
 from shared.clock import RedisClock
 from shared.events import End
 from tests import processes
 from tests.redis_proxy import RedisProxy
 from tests.sse import follow, lost_events, submit
-from worker.reporter import JobReporter
+from worker.cluster.reporter import JobReporter
 
 pytestmark = pytest.mark.e2e
 

@@ -9,14 +9,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from hive import relay as relay_module
-from hive import inbox as inbox_module
-from hive.relay import EventRelay
+from hive.streams import inbox as inbox_module
+from hive.streams import relay as relay_module
+from hive.streams.relay import EventRelay
 from shared import keys
 from shared.clock import RedisClock
 from shared.events import DONE_FRAME, End, Queued, Token
-from worker.reporter import JobReporter
-from worker.step_writer import StepWriter
+from worker.cluster.reporter import JobReporter
+from worker.engine.step_writer import StepWriter
 
 pytestmark = pytest.mark.e2e
 

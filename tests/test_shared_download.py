@@ -22,8 +22,8 @@ from huggingface_hub import scan_cache_dir
 from shared.events import Download
 from tests import processes
 from tests.sse import events, follow, status, submit
-from worker.download import DownloadProgress, RemoteFile, _ByteSink
-from worker.download_lock import (
+from worker.model.download import DownloadProgress, RemoteFile, _ByteSink
+from worker.model.download_lock import (
     ModelDownloadLock,
     ProgressFile,
     lock_dir,
@@ -60,7 +60,7 @@ HOLDER = """
 import sys
 from pathlib import Path
 from shared.events import Download
-from worker.download_lock import ModelDownloadLock
+from worker.model.download_lock import ModelDownloadLock
 with ModelDownloadLock(Path(sys.argv[1]), "models--acme--m@c0ffee", lambda e: None) as lock:
     lock.publish(Download("model.safetensors", 1000, 4000, 1, 2))
     print("holding", flush=True)
@@ -256,7 +256,7 @@ def test_two_workers_download_a_cold_model_once(shared_cache_pair, model_root: P
 # printing each event as a JSON line.
 FETCH = """
 import logging, sys, time
-from worker.download import fetch_model
+from worker.model.download import fetch_model
 logging.basicConfig(level=logging.INFO)
 fetch_model(sys.argv[1], None, lambda e: print(e.to_json(), flush=True), lambda: time.sleep(0.06))
 """

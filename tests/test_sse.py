@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hive.sse import JobEventStream, StallWatchdog
+from hive.streams.sse import JobEventStream, StallWatchdog
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 

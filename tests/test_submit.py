@@ -16,9 +16,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from hive.jobs import JobService
-from hive.submit import QueueFull
-from shared import jobs, keys
+from hive.jobs.service import JobService
+from hive.jobs.submit import QueueFull
+from shared import job_record, keys
 from shared.clock import RedisClock
 from shared.connections import async_client
 from shared.settings import Settings
@@ -58,7 +58,7 @@ def test_the_rq_job_is_the_one_enqueue_call_writes(redis_url, queue):
     assert position == 1
     # The reference: the same job through RQ's own enqueue_call.
     reference = Queue(queue + "-ref", connection=connection, serializer=JSONSerializer).enqueue_call(
-        jobs.RUN_INFERENCE, args=(job_id, request.model_dump(mode="json")), job_id="ref" + job_id,
+        job_record.RUN_INFERENCE, args=(job_id, request.model_dump(mode="json")), job_id="ref" + job_id,
         timeout=Settings().job_timeout_s, result_ttl=0, failure_ttl=Settings().job_ttl_s,
     )
     ours = connection.hgetall(Job.key_for(job_id))
@@ -67,12 +67,12 @@ def test_the_rq_job_is_the_one_enqueue_call_writes(redis_url, queue):
     differing = {k for k in ours if ours[k] != theirs[k]} - TIMESTAMPS
     assert differing == {b"origin"}  # the queue
     job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-    assert (job.func_name, list(job.args), job.origin, job.get_status()) == (jobs.RUN_INFERENCE, [job_id, request.model_dump(mode="json")], queue, "queued")
+    assert (job.func_name, list(job.args), job.origin, job.get_status()) == (job_record.RUN_INFERENCE, [job_id, request.model_dump(mode="json")], queue, "queued")
     assert connection.lrange(f"rq:queue:{queue}", 0, -1) == [job_id.encode()]
     assert f"rq:queue:{queue}".encode() in connection.smembers("rq:queues")
     record = {k.decode(): v.decode() for k, v in connection.hgetall(keys.job(job_id)).items()}
-    assert json.loads(record[jobs.SPEC]) == request.model_dump(mode="json")
-    assert (record[jobs.STATE], record[jobs.RQ_QUEUE], record[jobs.POSITION], record[jobs.KIND]) == ("queued", queue, "1", "inference")
+    assert json.loads(record[job_record.SPEC]) == request.model_dump(mode="json")
+    assert (record[job_record.STATE], record[job_record.RQ_QUEUE], record[job_record.POSITION], record[job_record.KIND]) == ("queued", queue, "1", "inference")
     assert connection.ttl(keys.job(job_id)) > 0 and connection.ttl(keys.job_events(job_id)) > 0
     [(entry_id, fields)] = connection.xrange(keys.job_events(job_id))
     assert entry_id == b"1-0" and json.loads(fields[b"d"]) == {"event": "queued", "position": 1}
@@ -108,7 +108,7 @@ def test_a_live_holder_with_a_free_slot_is_picked_and_pulls_never_are(redis_url,
     assert position == 1
     assert connection.lrange(f"rq:queue:{own_queue}", 0, -1) == [first.encode()]
     assert connection.lrange(f"rq:queue:{queue}", 0, -1) == [pull_id.encode(), second.encode()]
-    assert connection.hget(keys.job(first), jobs.RQ_QUEUE) == own_queue.encode()
+    assert connection.hget(keys.job(first), job_record.RQ_QUEUE) == own_queue.encode()
     assert connection.hget(Job.key_for(first), "origin") == own_queue.encode()
     assert connection.zcard(keys.idle_with(queue, "acme/tiny", None)) == 0  # the dead one dropped, the full one too
 

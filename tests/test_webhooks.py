@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from hive.webhook_delivery import WebhookSender, retry_after_s, signed_headers
-from hive.webhook_guard import WebhookRefused, pinned, refusal, resolve
+from hive.webhooks.delivery import WebhookSender, retry_after_s, signed_headers
+from hive.webhooks.guard import WebhookRefused, pinned, refusal, resolve
 from shared.settings import Settings
 from tests import processes
 from tests.sse import status, submit

@@ -10,10 +10,10 @@ import torch
 
 from shared.events import Download
 from tests.tiny_models import build_tokenizer
-from worker.download import DownloadProgress, RemoteFile
-from worker.sequence import PromptTooLong, SamplingParams, Sequence, eos_ids
-from worker.loader import load_layer_by_layer
-from worker.textstream import IncrementalDecoder, StopMatcher
+from worker.engine.sequence import PromptTooLong, SamplingParams, Sequence, eos_ids
+from worker.engine.textstream import IncrementalDecoder, StopMatcher
+from worker.model.download import DownloadProgress, RemoteFile
+from worker.model.loader import load_layer_by_layer
 
 pytestmark = pytest.mark.unit
 

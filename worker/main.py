@@ -1,6 +1,6 @@
 """``hive worker``: a long-lived process bound to one device, taking up to
-``--max-batch`` jobs at once from RQ (worker/slots.py) and running them in one
-batch per model (worker/engine.py); models stay in memory between jobs.
+``--max-batch`` jobs at once from RQ (worker/cluster/rq_slots.py) and running them in one
+batch per model (worker/engine/step_loop.py); models stay in memory between jobs.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def run_worker(settings: Settings) -> None:
 
     from rq.serializers import JSONSerializer
 
-    from . import tasks
-    from .outages import SlotQueue
-    from .runtime import WorkerRuntime
-    from .slots import Slots
+    from worker import tasks
+    from worker.cluster.rq_outages import SlotQueue
+    from worker.cluster.rq_slots import Slots
+    from worker.runtime import WorkerRuntime
 
     # Started before Redis answers, the worker waits for it (and says so) rather than exits.
     probe = sync_client(settings.redis_url)

@@ -13,7 +13,7 @@ for the hive to expose, because:
 
 The price is one scrape target per worker (one port per worker on a machine). The
 cluster-wide figures that live in Redis (queue depths, workers by state) and the
-hive's own (active streams) are on the hive's ``/metrics``: see ``hive.metrics``.
+hive's own (active streams) are on the hive's ``/metrics``: see ``hive.api.metrics``.
 
 Job figures come from what the worker writes to the job record (``MeasuredReporter``),
 so ``/metrics`` and ``GET /v1/inference/<id>`` never disagree.
@@ -25,11 +25,10 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
-from shared import jobs, keys
+from shared import job_record, keys
 from shared.events import Event
 from shared.spec import JobState
-
-from .reporter import JobReporter
+from worker.cluster.reporter import JobReporter
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +119,14 @@ class WorkerMetrics:
 
     def job_finished(self, kind: str, state: JobState, fields: dict) -> None:
         """Counts a job that ended with ``state`` and the record ``fields`` written with it."""
-        self.jobs_finished.labels(kind, state.value, str(fields.get(jobs.ERROR_CODE, ""))).inc()
-        tokens = int(fields.get(jobs.TOKENS_OUT) or 0)
+        self.jobs_finished.labels(kind, state.value, str(fields.get(job_record.ERROR_CODE, ""))).inc()
+        tokens = int(fields.get(job_record.TOKENS_OUT) or 0)
         if not tokens:
             return
         self.tokens.inc(tokens)
-        if jobs.TTFT_MS in fields:
-            self.ttft.observe(float(fields[jobs.TTFT_MS]) / 1000)
-        decode_s = float(fields.get(jobs.DECODE_TIME_MS) or 0) / 1000
+        if job_record.TTFT_MS in fields:
+            self.ttft.observe(float(fields[job_record.TTFT_MS]) / 1000)
+        decode_s = float(fields.get(job_record.DECODE_TIME_MS) or 0) / 1000
         if tokens > 1 and decode_s > 0:
             self.tokens_per_second.observe((tokens - 1) / decode_s)
 
@@ -141,10 +140,10 @@ class MeasuredReporter(JobReporter):
     def __init__(self, metrics: WorkerMetrics, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metrics = metrics
-        created_at, kind = self.redis.hmget(keys.job(self.job_id), jobs.CREATED_AT, jobs.KIND)
+        created_at, kind = self.redis.hmget(keys.job(self.job_id), job_record.CREATED_AT, job_record.KIND)
         self.kind = _text(kind) or "inference"
         self.created_at = float(created_at) if created_at else None
-        picked_at = kwargs.get(jobs.PICKED_AT)
+        picked_at = kwargs.get(job_record.PICKED_AT)
         if picked_at is not None and created_at:
             # Both on Redis's clock, whichever hosts took them.
             metrics.queue_wait.observe(max(0.0, float(picked_at) - float(created_at)))

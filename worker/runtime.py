@@ -2,7 +2,7 @@
 reported as events.
 
 The worker process holds one ``WorkerRuntime`` (device, loaded models, one batching
-engine per model, Redis connection). RQ's slot threads (worker/slots.py) call
+engine per model, Redis connection). RQ's slot threads (worker/cluster/rq_slots.py) call
 ``worker.tasks.run_inference``, which hands the job to it: the job's thread
 downloads and loads what it needs, then submits the job to the model's engine
 and waits for it to end there, so RQ's own bookkeeping (status, registries)
@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 import redis
@@ -23,22 +22,21 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from shared import jobs, keys
+from shared import job_record, keys
 from shared.clock import RedisClock
 from shared.connections import REDIS_DOWN, wait_for_writes
 from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
-
-from .cancel import CancelListener
-from .download import fetch_model
-from .engine import Engine
-from .lease import LeaseRenewal
-from .metrics import MeasuredReporter, WorkerMetrics
-from .models import LoadedModel, ModelCache, resolve_devices
-from .presence import Presence
-from .running import JobAbandoned, JobCancelled, RunningJob, RunningJobs
-from .sequence import SamplingParams, Sequence, eos_ids
+from worker.cluster.cancel import CancelListener
+from worker.cluster.lease import LeaseRenewal
+from worker.cluster.presence import Presence
+from worker.engine.running_job import JobAbandoned, JobCancelled, RunningJob, RunningJobs
+from worker.engine.sequence import SamplingParams, Sequence, eos_ids
+from worker.engine.step_loop import Engine
+from worker.metrics import MeasuredReporter, WorkerMetrics
+from worker.model.download import fetch_model
+from worker.model.loaded_models import LoadedModel, LoadedModels, resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ class WorkerRuntime:
         #: measured before the first lease or heartbeat (Redis has just answered).
         self.clock = RedisClock(connection)
         self.clock.start(wait_s=CLOCK_WAIT_S)
-        self.models = ModelCache(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
+        self.models = LoadedModels(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
         self.models.kv_reserved = self._kv_bytes
         self.running = RunningJobs(self.max_batch)
         self.cancels = CancelListener(connection, self.running)
@@ -165,7 +163,7 @@ class WorkerRuntime:
                 self.settings.job_ttl_s,
                 unqueue=(keys.queued(queue), keys.queued_for_model(queue, job.model), keys.fair(queue)),
                 before_finish=lambda: self._going_idle(job),
-                **{jobs.WORKER: self.name, jobs.PICKED_AT: self.clock.now()},
+                **{job_record.WORKER: self.name, job_record.PICKED_AT: self.clock.now()},
             )
             if job.reporter.cancelled_before_start:
                 job.cancelled.set()
@@ -194,7 +192,7 @@ class WorkerRuntime:
             raise
         except JobCancelled as e:
             log.info("job %s cancelled before its first token", job.job_id)
-            reporter.finish(Error(e.code, str(e)), JobState.cancelled, **{jobs.ERROR_CODE: e.code, jobs.ERROR_MESSAGE: str(e)})
+            reporter.finish(Error(e.code, str(e)), JobState.cancelled, **{job_record.ERROR_CODE: e.code, job_record.ERROR_MESSAGE: str(e)})
         except Exception as e:  # job boundary: every failure ends the stream with an error event
             # Unless a hive's reaper already ended or retried it: a worker cut off from
             # Redis (a partition, not a crash) fails its step with whatever the late
@@ -207,7 +205,7 @@ class WorkerRuntime:
             log.exception("job %s failed", job.job_id)
             code = error_code(e)
             message = str(e) or type(e).__name__
-            reporter.finish(Error(code, message), JobState.failed, **{jobs.ERROR_CODE: code, jobs.ERROR_MESSAGE: message})
+            reporter.finish(Error(code, message), JobState.failed, **{job_record.ERROR_CODE: code, job_record.ERROR_MESSAGE: message})
 
     def _going_idle(self, job: RunningJob) -> None:
         """Just before the job's terminal event goes out: its lease is given back (so
@@ -243,12 +241,12 @@ class WorkerRuntime:
         reporter.finish(
             Error("REDIS_UNAVAILABLE", message),
             JobState.failed,
-            **{jobs.ERROR_CODE: "REDIS_UNAVAILABLE", jobs.ERROR_MESSAGE: message},
+            **{job_record.ERROR_CODE: "REDIS_UNAVAILABLE", job_record.ERROR_MESSAGE: message},
         )
 
     def _model(self, job: RunningJob, request: InferenceRequest) -> tuple[LoadedModel, bool, float]:
         """The model, loaded and marked in use (the caller releases it). Jobs for
-        one model that arrive while it loads wait for that load (ModelCache's lock)."""
+        one model that arrive while it loads wait for that load (LoadedModels's lock)."""
         reporter = job.reporter
         with self.models.loading(request.model, request.revision):
             loaded = self.models.take(request.model, request.revision)
@@ -286,7 +284,7 @@ class WorkerRuntime:
         job.reporter.update(JobState.downloading)
         self.presence.beat(downloaded=True)
         fetch_model(request.model, request.revision, job.reporter.emit, job.check, on_downloaded=self.metrics.downloaded)
-        job.reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{jobs.TOKENS_OUT: 0, jobs.STOP_REASON: "pulled"})
+        job.reporter.finish(End(0, 0.0, 0.0, "pulled"), JobState.completed, **{job_record.TOKENS_OUT: 0, job_record.STOP_REASON: "pulled"})
 
     def _run(self, job: RunningJob, request: InferenceRequest) -> None:
         loaded, warm, load_ms = self._model(job, request)
@@ -307,9 +305,9 @@ class WorkerRuntime:
         engine = self.engine_for(loaded)
         engine.check_fits_alone(job)  # before `started`: a job that can never fit fails now
         started_at = self.clock.now()
-        reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{jobs.STARTED_AT: started_at})
+        reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{job_record.STARTED_AT: started_at})
         job.phase = "waiting"
-        engine.submit(job)
+        engine.add_job(job)
         self._wait(job, engine)
         self._finish(job, len(prompt_ids), load_ms)
 
@@ -344,12 +342,12 @@ class WorkerRuntime:
             End(count, decode_ms, ttft_ms, stop_reason),
             JobState.cancelled if stop_reason == "cancelled" else JobState.completed,
             **{
-                jobs.OUTPUT: "".join(job.pieces),
-                jobs.TOKENS_OUT: count,
-                jobs.TTFT_MS: ttft_ms,
-                jobs.DECODE_TIME_MS: decode_ms,
-                jobs.LOAD_MS: load_ms,
-                jobs.STOP_REASON: stop_reason,
-                jobs.PROMPT_TOKENS: prompt_tokens,
+                job_record.OUTPUT: "".join(job.pieces),
+                job_record.TOKENS_OUT: count,
+                job_record.TTFT_MS: ttft_ms,
+                job_record.DECODE_TIME_MS: decode_ms,
+                job_record.LOAD_MS: load_ms,
+                job_record.STOP_REASON: stop_reason,
+                job_record.PROMPT_TOKENS: prompt_tokens,
             },
         )
