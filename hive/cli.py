@@ -100,7 +100,7 @@ def serve(
     key_rate_per_min: Annotated[float, typer.Option(envvar="HIVE_KEY_RATE_PER_MIN", min=0, help="Jobs each API key may create a minute (0: no limit).")] = 0.0,
     key_max_in_flight: Annotated[int, typer.Option(envvar="HIVE_KEY_MAX_IN_FLIGHT", min=0, help="Jobs each API key may have queued or running (0: no limit).")] = 0,
     key_limits: Annotated[
-        str, typer.Option(envvar="HIVE_KEY_LIMITS", help="JSON file of per-key limits and names (see the README).", show_default=False)
+        str, typer.Option(envvar="HIVE_KEY_LIMITS", help="JSON file of per-key limits and names (docs/api.md, Per-key limits).", show_default=False)
     ] = "",
     redis_min_replicas: Annotated[
         Optional[int],

@@ -103,7 +103,7 @@ class SentinelCluster:
         new = self.wait_for_new_master(old)
         # Until the Sentinels have demoted it, the old master still takes writes (and
         # loses them when it resyncs as a replica): Redis's replication is asynchronous,
-        # and the README says so. Done once it is a replica of the new master.
+        # and docs/high-availability.md says so. Done once it is a replica of the new master.
         processes.wait_until(lambda: _role(old) == ("slave", "up"), 30, "the old master demoted")
         return new
 

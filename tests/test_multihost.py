@@ -185,7 +185,7 @@ def test_workers_on_two_hosts_register_run_jobs_and_pull_each_file_once(cluster)
 
 def test_nothing_uses_loopback_and_workers_only_dial_out(cluster):
     """Every loopback is down; servers listen on their host's address; a worker listens
-    on nothing and talks to Redis and the hive's port only (what the README promises)."""
+    on nothing and talks to Redis and the hive's port only (what docs/deploying.md promises)."""
     for host in cluster.net.hosts.values():
         assert "state DOWN" in ip("-n", host.netns, "link", "show", "lo"), host.name
     redis_host, hive_host = cluster.host("redis"), cluster.host("hive")
