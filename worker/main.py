@@ -14,12 +14,27 @@ from shared.settings import Settings
 
 log = logging.getLogger("hive.worker")
 
+#: Connections the worker holds for as long as it runs, besides its slots': the
+#: cancel listener's and the model-delete listener's pub/sub.
+LISTENERS = 2
+#: Borrowed for one command or pipeline and given back at once: the heartbeat, the
+#: lease renewal, the clock, the job threads' events and RQ's own bookkeeping. Under
+#: a burst they queue for a connection (the pool blocks) rather than fail.
+SHORT_LIVED = 16
+
+
+def pool_size(slots: int) -> int:
+    """The worker's Redis connections, counted by who holds them. Each RQ slot holds
+    two for as long as it runs (its BLPOP, its command listener's pub/sub); each
+    engine holds one while its batch runs, and a batch runs only with a job, which
+    takes a slot: at most one a slot (an idle engine gives its own back,
+    worker/engine/step_writer.py). Loaded models cost nothing."""
+    return 2 * slots + slots + LISTENERS + SHORT_LIVED
+
 
 def run_worker(settings: Settings) -> None:
     def connection_for(slots: int):
-        # Each slot holds two connections (RQ's BLPOP and its command listener),
-        # and each job's thread and engine writes on others.
-        return sync_client(settings.redis_url, max_connections=3 * slots + 16)
+        return sync_client(settings.redis_url, max_connections=pool_size(slots))
 
     from rq.serializers import JSONSerializer
 

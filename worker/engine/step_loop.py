@@ -130,6 +130,8 @@ class Engine:
             self._gather()
             try:
                 worked = self._step()
+                if not len(self.batch):
+                    self._writer.release()  # an idle engine holds no connection of the pool's
             except REDIS_DOWN as e:
                 log.warning("engine %s: lost Redis (%s); ending the batch's jobs", self.name, e)
                 self._fail_all(e)

@@ -15,6 +15,12 @@ writer waits for Redis to answer again, and the batch goes on from where it was.
 The commands of the step (or two) in flight may be lost; the job's ids go on
 increasing, so the hive shows the hole to followers as a ``gap`` event, and each
 job's record still gets its whole output when it ends.
+
+The writer holds its connection only while its batch runs: an engine whose batch
+empties gives it back to the worker's pool (``release``). A worker keeps one engine
+per loaded model, and with the default keep-alive a connection kept by each idle
+one used the pool up at the 47th model (issue 19); running engines are at most one
+per RQ slot, which is what the pool is sized for (worker/main.py).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import redis
 from shared.connections import REDIS_DOWN, wait_for_writes
 
 log = logging.getLogger("worker.step_writer")
-
 
 
 class StepWriter:
@@ -94,6 +99,14 @@ class StepWriter:
         connection, self._connection, self._unread = self._connection, None, 0
         if connection is not None:
             connection.disconnect()
+            self._redis.connection_pool.release(connection)
+
+    def release(self) -> None:
+        """Reads what is unread, then gives the connection back to the pool, open, for
+        the next burst to borrow (one pool round trip per burst, no reconnect)."""
+        self.flush()
+        connection, self._connection = self._connection, None
+        if connection is not None:
             self._redis.connection_pool.release(connection)
 
     def close(self) -> None:
