@@ -1,6 +1,7 @@
-"""Soak: thousands of jobs with random cancels, late followers and reconnects, and
-one worker killed with SIGKILL during the run. Reports lost and duplicate events,
-stuck jobs, Redis keys left after the TTLs, and memory growth.
+"""Soak: thousands of jobs with random cancels, late followers and reconnects, on
+many models, with one worker killed with SIGKILL and another paused with SIGSTOP
+past its lease during the run. Reports lost and duplicate events, stuck jobs, Redis
+keys left after the TTLs, and memory growth.
 
     python -m bench.soak                      # 2,000 jobs; writes a section of docs/benchmarks.md
     python -m bench.soak --jobs 200 --no-write
@@ -13,9 +14,11 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +34,11 @@ from tests import processes
 from tests.tiny_models import build_model
 
 TTL_S = 15
+#: Distinct models the jobs spread over: the workers end up holding most of them
+#: (the default keep-alive), past the 47 at which a worker's pool used to run out.
+MODELS = 60
+#: How long the paused worker stays stopped: past its lease (keys.LEASE_S).
+PAUSE_S = keys.LEASE_S + 4
 STREAM_TIMEOUT_S = 60
 JOB_TIMEOUT_S = 120
 
@@ -59,7 +67,8 @@ async def read_stream(client: httpx.AsyncClient, sse_url: str, last_id: str | No
 
 
 async def one_job(client: httpx.AsyncClient, rng: random.Random, stats: Counter, connection: aioredis.Redis) -> None:
-    body = {"model": "soak/tiny", "prompt": "The quick brown fox", "max_tokens": rng.randint(4, 12), "temperature": 0.8}
+    model = f"soak/m{rng.randrange(MODELS):02d}"
+    body = {"model": model, "prompt": "The quick brown fox", "max_tokens": rng.randint(4, 12), "temperature": 0.8}
     job = (await client.post("/v1/inference", json=body)).json()
     scenario = rng.choices(["plain", "cancel", "late", "reconnect", "two"], weights=[45, 10, 20, 20, 5])[0]
     stats[scenario] += 1
@@ -151,7 +160,9 @@ def main() -> None:
         tmp_path = Path(tmp)
         logs = tmp_path / "logs"
         logs.mkdir()
-        build_model(tmp_path / "hub" / "soak" / "tiny")
+        tiny = build_model(tmp_path / "hub" / "soak" / "m00")
+        for k in range(1, MODELS):
+            shutil.copytree(tiny, tmp_path / "hub" / "soak" / f"m{k:02d}")
         redis_proc, redis_url = processes.start_redis(logs)
         hub_proc, hub_url = processes.start_hub(tmp_path / "hub", logs)
         port = processes.free_port()
@@ -165,32 +176,43 @@ def main() -> None:
                 logs,
                 env,
             )
-            for n in range(2)
+            for n in range(3)
         ]
         connection = redis.Redis.from_url(redis_url)
         try:
-            processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 2, 120, "hive and workers", (hive, *workers))
+            processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 3, 120, "hive and workers", (hive, *workers))
             # Warm both workers so memory is measured from a steady state.
             with httpx.Client(base_url=url, timeout=60) as c:
                 for _ in range(4):
-                    job = c.post("/v1/inference", json={"model": "soak/tiny", "prompt": "x", "max_tokens": 2}).json()
+                    job = c.post("/v1/inference", json={"model": "soak/m00", "prompt": "x", "max_tokens": 2}).json()
                     with c.stream("GET", job["sse_url"]) as r:
                         for _ in r.iter_lines():
                             pass
             rss_before = {p.name: rss_mb(p.process.pid) for p in (hive, *workers)}
             killed = {"at": None}
+            paused = {"at": None}
+
+            def resume() -> None:
+                os.kill(workers[2].process.pid, signal.SIGCONT)
 
             def on_progress(n: int) -> None:
                 if killed["at"] is None and n >= args.jobs // 3:
                     os.kill(workers[1].process.pid, signal.SIGKILL)
                     killed["at"] = n
+                if paused["at"] is None and n >= args.jobs // 2:
+                    os.kill(workers[2].process.pid, signal.SIGSTOP)
+                    threading.Timer(PAUSE_S, resume).start()
+                    paused["at"] = n
                 if n % 200 == 0:
                     print(f"{n} jobs done", file=sys.stderr)
 
             start = time.monotonic()
             stats = asyncio.run(run_jobs(url, redis_url, args.jobs, args.concurrency, args.seed, on_progress))
             elapsed = time.monotonic() - start
-            rss_after = {p.name: rss_mb(p.process.pid) for p in (hive, workers[0])}
+            rss_after = {p.name: rss_mb(p.process.pid) for p in (hive, workers[0], workers[2])}
+            held = {w["id"]: len(w["models"]) for w in httpx.get(f"{url}/v1/workers", timeout=10).json()["workers"]}
+            paused_log = workers[2].log()
+            paused_alive = workers[2].process.poll() is None
             # Wait out the TTLs, then count what is left.
             deadline = time.monotonic() + TTL_S + 30
             while time.monotonic() < deadline and any(connection.scan_iter("hive:job:*", count=1000)):
@@ -213,6 +235,12 @@ def main() -> None:
         "seconds": round(elapsed, 1),
         "jobs per second": round(args.jobs / elapsed, 1),
         "worker killed after job": killed["at"],
+        f"worker paused with SIGSTOP for {PAUSE_S:g} s after job": paused["at"],
+        "paused worker still running afterwards": paused_alive,
+        "paused worker's lines: jobs given up, ends too late, wedged": [
+            paused_log.count("abandoned, its lease was taken over"), paused_log.count("came too late"), paused_log.count("worker wedged"),
+        ],
+        "models held per live worker at the end": held,
         "scenarios and checks": dict(sorted(stats.items())),
         "hive keys left after TTLs": hive_keys,
         "live worker presence keys (not counted: they expire with the worker)": live_presence,
@@ -223,15 +251,17 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if not args.no_write:
         replace_section("Soak", f"""
-## Soak: lost, duplicate and stuck events under cancels, reconnects and a killed worker
+## Soak: lost, duplicate and stuck events under cancels, reconnects, a killed worker and a paused one
 
 Command: `python -m bench.soak --jobs {args.jobs} --concurrency {args.concurrency} --seed {args.seed}`.
-A real redis-server, hub endpoint, `hive serve` and two `hive worker`s (tiny model, 5 ms a token,
-job TTL {TTL_S} s); {args.concurrency} jobs in flight, each with a random scenario: a plain follower,
-a cancel after 1–6 events (then resumed with Last-Event-ID), a late follower (0.2–2 s after submit),
-disconnects and reconnects with Last-Event-ID, or two concurrent followers. One worker is killed
-with SIGKILL after a third of the jobs. Every follower's events are then compared with the job's
-replay log read from Redis.
+A real redis-server, hub endpoint, `hive serve` and three `hive worker`s (tiny models, 5 ms a token,
+job TTL {TTL_S} s, the default keep-alive); each job asks for one of {MODELS} distinct models, so
+the workers hold dozens each. {args.concurrency} jobs in flight, each with a random scenario: a
+plain follower, a cancel after 1–6 events (then resumed with Last-Event-ID), a late follower
+(0.2–2 s after submit), disconnects and reconnects with Last-Event-ID, or two concurrent
+followers. One worker is killed with SIGKILL after a third of the jobs; another is paused with
+SIGSTOP after half of them, for {PAUSE_S:g} s (past its {keys.LEASE_S:g} s lease), then resumed.
+Every follower's events are then compared with the job's replay log read from Redis.
 
 ```json
 {json.dumps(report, indent=1)}

@@ -218,8 +218,14 @@ def worker(
     metrics_port: Annotated[int, typer.Option(envvar="HIVE_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")] = 0,
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Ask the worker on --metrics-port whether it is alive (heartbeating) and exit 0 if so, 1 if not: a healthcheck."),
+    ] = False,
 ) -> None:
     """Run a worker: one long-lived process per device that keeps models loaded."""
+    if check:
+        raise typer.Exit(_check_worker(metrics_port))
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
     memory_bytes = _memory_size(max_memory)
@@ -243,6 +249,26 @@ def worker(
             metrics_port=metrics_port,
         )
     )
+
+
+def _check_worker(metrics_port: int) -> int:
+    """``hive worker --check``: the worker's ``/livez`` (worker/cluster/liveness.py), one line."""
+    import httpx
+
+    if not metrics_port:
+        raise typer.BadParameter("--check asks the worker's metrics port: give it (or HIVE_METRICS_PORT)", param_hint="--metrics-port")
+    url = f"http://127.0.0.1:{metrics_port}/livez"
+    try:
+        response = httpx.get(url, timeout=3)
+        status = response.json()
+    except (httpx.HTTPError, ValueError) as e:
+        typer.echo(f"worker: no answer from {url}: {e}", err=True)
+        return 1
+    if response.status_code == 200:
+        typer.echo(f"worker alive: last heartbeat {status['heartbeat_age_s']:.1f} s ago")
+        return 0
+    typer.echo(f"worker not alive: last heartbeat {status['heartbeat_age_s']:.1f} s ago ({status.get('last_error') or 'no error'})", err=True)
+    return 1
 
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)

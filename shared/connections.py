@@ -23,6 +23,7 @@ waited out (the worker) or answered 503 (the hive) like an outage.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import redis
@@ -50,6 +51,24 @@ POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
 #: Sentinel queries: a Sentinel that does not answer this fast is passed over for the next.
 SENTINEL_TIMEOUT_S = 1.0
+
+
+#: How long a new connection may take to open before the command fails (and is retried).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def dead_peer_options() -> dict:
+    """Options for a client whose threads must not hang on a peer that is gone (a cable
+    pulled, a host lost): ``sync_client(url, **dead_peer_options())``. Keepalive probes
+    from 5 s of idleness, every 2 s, 3 unanswered and the connection is dropped; and
+    TCP_USER_TIMEOUT drops one whose sent data stays unacknowledged for 10 s (a command
+    sent into the cut). Without them a connection waits on a dead peer for the kernel's
+    retransmission limit, about 15 minutes, and so does the thread that waits on it:
+    found with a worker's heartbeat still stuck after its partition had healed. The
+    kernel answers probes, so a busy Redis is never taken for a dead one."""
+    tcp = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 10_000}
+    options = {getattr(socket, name): value for name, value in tcp.items() if hasattr(socket, name)}  # Linux's; elsewhere fewer
+    return {"socket_keepalive": True, "socket_keepalive_options": options, "socket_connect_timeout": CONNECT_TIMEOUT_S}
 
 
 class WritesRefused(ConnectionError):

@@ -111,6 +111,21 @@ def worker_claims(name: str) -> str:
 #: How long claims hold if their jobs never reach the worker (a worker that died).
 CLAIM_TTL_MS = 30_000
 
+#: An RQ job id that never exists (an item of a worker's own queue, not a key). A
+#: host cut off from Redis cannot close its connections, so its free slots' BLPOPs
+#: stay waiting in Redis, which would hand them the next jobs; the reaper releases
+#: them by pushing this id (hive/jobs/stranded.py). A slot that gets it (its link back)
+#: finds no such job, and RQ waits on its queues again.
+NO_JOB = f"{PREFIX}-no-job"
+
+
+def popped(queue: str) -> str:
+    """Sorted set: jobs of ``queue`` still waiting by their record but on no RQ
+    queue when a worker was found dead (RQ's pop took them and no worker took them
+    on), scored by when that was seen; the reaper puts back those still so a moment
+    later. Refreshed with JOB_TTL_S; emptied as they are looked at."""
+    return f"{PREFIX}:popped:{queue}"
+
 
 def idle_with(queue: str, model: str, revision: str | None) -> str:
     """Sorted set: the workers of ``queue`` with a free slot that hold ``model`` at

@@ -19,42 +19,50 @@ COMPLETED = "completed"  # every final state: completed, failed, cancelled
 # Enqueues the delivery of ``event`` if the job's spec asks for it. The spec (its
 # webhook and filter) and the job's queue are read here, from the record, so the
 # writers need not know them. A delivery already enqueued is left alone: a retried
-# job starts twice, and a worker and a reaper may both end one (the lease decides
-# which, but this costs nothing). ``start`` also puts the job on the output watch
-# when the filter asks for output; the end takes it off.
-# KEYS: the job's record, the delivery's hash. ARGV: event, now, TTL, the due set's
+# job starts twice (the lease decides which of a worker and a reaper ends a job:
+# worker/cluster/reporter.py). ``start`` also puts the job on the output watch when
+# the filter asks for output; the end takes it off. A Lua function, so that the
+# worker's script that ends a job enqueues in the same call.
+# Arguments: the job's record, the delivery's hash, event, now, TTL, the due set's
 # and the output watch's key prefixes (the queue is appended), job id, the record's
 # spec and queue field names.
-_ENQUEUE = """
-local spec = redis.call('HGET', KEYS[1], ARGV[7])
-if not spec then return 0 end
-local ok, decoded = pcall(cjson.decode, spec)
-if not ok or type(decoded) ~= 'table' or type(decoded['webhook']) ~= 'string' then return 0 end
-local queue = redis.call('HGET', KEYS[1], ARGV[8]) or ''
-local filter = decoded['webhook_events_filter']
-if type(filter) ~= 'table' then filter = {'completed'} end
-local wants = {}
-for _, name in ipairs(filter) do wants[name] = true end
-if ARGV[1] == 'start' then
-  if wants['output'] then redis.call('ZADD', ARGV[5] .. queue, 'NX', ARGV[2], ARGV[6]) end
-else
-  redis.call('ZREM', ARGV[5] .. queue, ARGV[6])
+ENQUEUE_FUNCTION = """
+local function enqueue_webhook(record, delivery, event, now, ttl, due_prefix, output_prefix, job_id, spec_field, queue_field)
+  local spec = redis.call('HGET', record, spec_field)
+  if not spec then return 0 end
+  local ok, decoded = pcall(cjson.decode, spec)
+  if not ok or type(decoded) ~= 'table' or type(decoded['webhook']) ~= 'string' then return 0 end
+  local queue = redis.call('HGET', record, queue_field) or ''
+  local filter = decoded['webhook_events_filter']
+  if type(filter) ~= 'table' then filter = {'completed'} end
+  local wants = {}
+  for _, name in ipairs(filter) do wants[name] = true end
+  if event == 'start' then
+    if wants['output'] then redis.call('ZADD', output_prefix .. queue, 'NX', now, job_id) end
+  else
+    redis.call('ZREM', output_prefix .. queue, job_id)
+  end
+  if not wants[event] then return 0 end
+  if redis.call('HSETNX', delivery, 'event', event) == 0 then return 0 end
+  redis.call('EXPIRE', delivery, ttl)
+  redis.call('ZADD', due_prefix .. queue, now, job_id .. ':' .. event)
+  return 1
 end
-if not wants[ARGV[1]] then return 0 end
-if redis.call('HSETNX', KEYS[2], 'event', ARGV[1]) == 0 then return 0 end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZADD', ARGV[4] .. queue, ARGV[2], ARGV[6] .. ':' .. ARGV[1])
-return 1
 """
+_ENQUEUE = ENQUEUE_FUNCTION + "return enqueue_webhook(KEYS[1], KEYS[2], unpack(ARGV))"
+
+
+def enqueue_arguments(job_id: str, event: str, now: float, ttl_s: int) -> tuple[list[str], list]:
+    """``enqueue_webhook``'s keys (the record, the delivery) and its other arguments."""
+    keys_ = [keys.job(job_id), keys.webhook_delivery(job_id, event)]
+    return keys_, [event, now, ttl_s, keys.webhooks_due(""), keys.webhooks_output(""), job_id, job_record.SPEC, job_record.QUEUE]
 
 
 def enqueue(pipe, job_id: str, event: str, now: float, ttl_s: int) -> None:
     """Adds the enqueue of ``event``'s delivery (START or COMPLETED) to ``pipe``, a
     redis-py pipeline that writes the job's new state: put it after that write."""
-    pipe.register_script(_ENQUEUE)(
-        keys=[keys.job(job_id), keys.webhook_delivery(job_id, event)],
-        args=[event, now, ttl_s, keys.webhooks_due(""), keys.webhooks_output(""), job_id, job_record.SPEC, job_record.QUEUE],
-    )
+    keys_, args = enqueue_arguments(job_id, event, now, ttl_s)
+    pipe.register_script(_ENQUEUE)(keys=keys_, args=args)
 
 
 def member(job_id: str, event: str) -> str:

@@ -125,6 +125,7 @@ class LocalCompose:
         for volume in config.get("volumes", {}):
             self.volume(volume).mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, list[processes.Proc]] = {}
+        self.replica_ports: dict[str, dict[int, int]] = {}
         self.executables = {
             "hive": [sys.executable, "-m", "hive"],
             "python": [sys.executable],
@@ -176,16 +177,29 @@ class LocalCompose:
                 rest[rest.index(flag) + 1] = value
         return [*self.executables[program], *rest]
 
+    def replica_environment(self, service: str, n: int) -> dict[str, str]:
+        """Replica ``n``'s environment: the service's, with a port of its own where each
+        container would listen on the same one (a worker's metrics port, unpublished)."""
+        env = self.environment(service)
+        if "HIVE_METRICS_PORT" in env:
+            ports = self.replica_ports.setdefault(service, {})
+            env["HIVE_METRICS_PORT"] = str(ports.setdefault(n, processes.free_port()))
+        return env
+
     def healthy(self, service: str) -> bool:
+        """Every replica's healthcheck passes, each run in that replica's environment."""
         check = self.services[service]["healthcheck"]
         kind, *args = check["test"]
         assert kind == "CMD", f"{service}: healthcheck {kind} is not run here"
-        try:
-            env = {**os.environ, **self.environment(service)}
-            result = subprocess.run(self.command(service, args), check=False, capture_output=True, env=env, timeout=seconds(check["timeout"]))
-        except subprocess.TimeoutExpired:
-            return False
-        return result.returncode == 0
+        for n in range(1, len(self.procs.get(service, [None])) + 1):
+            try:
+                env = {**os.environ, **self.replica_environment(service, n)}
+                result = subprocess.run(self.command(service, args), check=False, capture_output=True, env=env, timeout=seconds(check["timeout"]))
+            except subprocess.TimeoutExpired:
+                return False
+            if result.returncode != 0:
+                return False
+        return True
 
     def up(self, scale: dict[str, int]) -> None:
         """`docker compose up --scale`: services in dependency order, each started once its
@@ -196,9 +210,10 @@ class LocalCompose:
                 if condition == "service_healthy":
                     procs = tuple(self.procs[dependency])
                     processes.wait_until(lambda d=dependency: self.healthy(d), processes.STARTUP_TIMEOUT_S, f"{dependency} healthy", procs)
-            command, env = self.command(service, self.services[service]["command"]), self.environment(service)
+            command = self.command(service, self.services[service]["command"])
             self.procs[service] = [
-                processes.start(f"compose-{service}-{n}", command, self.log_dir, env) for n in range(1, scale.get(service, 1) + 1)
+                processes.start(f"compose-{service}-{n}", command, self.log_dir, self.replica_environment(service, n))
+                for n in range(1, scale.get(service, 1) + 1)
             ]
 
     def _start_order(self) -> list[str]:
@@ -249,7 +264,7 @@ def test_workers_scale_and_share_the_hub_cache(configs, variant):
     assert "container_name" not in worker and "ports" not in worker
     assert depends_on(worker) == {"redis": "service_healthy", "hive": "service_healthy"}
     assert depends_on(hive) == {"redis": "service_healthy"}
-    assert "healthcheck" in services["redis"] and "healthcheck" in hive
+    assert "healthcheck" in services["redis"] and "healthcheck" in hive and "healthcheck" in worker
     # One HF_HOME for every worker of the machine; downloads go through the hive's /hub,
     # whose cache is a volume of its own.
     assert mounts(worker)[worker["environment"]["HF_HOME"]] == "hf-cache"
@@ -332,8 +347,8 @@ def test_the_cpu_cluster_answers_a_job_with_two_workers(configs, hub, log_dir, t
     """compose.cpu.yaml `up --scale worker=2`, as local processes: Redis, the hive (its /hub
     pulling from the test hub instead of huggingface.co, the one setting not from the file),
     two workers sharing the hf-cache volume and downloading through the hive. A job streams
-    end to end, both workers are listed, and the healthchecks hold: both pass, and the hive's
-    fails once Redis is gone."""
+    end to end, both workers are listed, and the healthchecks hold: all pass, and the hive's
+    and the workers' fail once Redis is gone."""
     cluster = LocalCompose(configs["cpu"], tmp_path, log_dir, {"hive": {"HIVE_HUB_UPSTREAM": hub.url}})
     auth = {"Authorization": f"Bearer {API_KEY}"}
     try:
@@ -341,7 +356,7 @@ def test_the_cpu_cluster_answers_a_job_with_two_workers(configs, hub, log_dir, t
         hive = cluster.url("hive")
         workers = tuple(cluster.procs["worker"])
         processes.wait_until(lambda: processes.health(hive)["workers"] == 2, processes.STARTUP_TIMEOUT_S, "both workers", workers)
-        assert cluster.healthy("redis") and cluster.healthy("hive")
+        assert cluster.healthy("redis") and cluster.healthy("hive") and cluster.healthy("worker")
 
         body = {"model": "acme/tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
         assert httpx.post(f"{hive}/v1/inference", json=body, timeout=10).status_code == 401
@@ -371,6 +386,10 @@ def test_the_cpu_cluster_answers_a_job_with_two_workers(configs, hub, log_dir, t
             proc.stop()
         processes.wait_until(lambda: not cluster.healthy("hive"), 30, "the hive unhealthy without Redis")
         assert not cluster.healthy("redis")
+        # The workers' heartbeats fail: their liveness fails, and they wait for Redis.
+        processes.wait_until(lambda: not cluster.healthy("worker"), 30, "the workers unhealthy without Redis")
+        for proc in workers:
+            proc.check_alive()
     finally:
         cluster.down()
 

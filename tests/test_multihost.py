@@ -11,14 +11,18 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from httpx_sse import connect_sse
 from huggingface_hub import scan_cache_dir
 
+from shared import job_record, keys
 from tests import processes
 from tests.netns import Host, NetnsUnavailable, Network, connected_to, ip, listening_on
 from tests.sse import follow
@@ -29,6 +33,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 ADMIN_KEY = "multihost-admin"
 REDIS_PASSWORD = "multihost-secret"
 MODEL = "acme/hosts"
+#: A second small model: no worker holds it, so its jobs go on the shared queue.
+SPARE_MODEL = "acme/hosts-spare"
 #: About 16 MB: several seconds through the upstream, so a worker can be cut off mid-download.
 BIG_MODEL = "acme/hosts-big"
 #: Slow enough that a long job is still generating when its host is cut off.
@@ -47,6 +53,7 @@ class Cluster:
     upstream_root: Path
     homes: dict[str, Path]  # each host's own folder
     log_dir: Path
+    redis_url: str
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
@@ -65,8 +72,10 @@ def host_env(home: Path) -> dict[str, str]:
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cluster(log_dir, tmp_path_factory):
+@contextmanager
+def running_cluster(log_dir: Path, tmp_path_factory, prefix: str, worker_args: tuple[str, ...]) -> Iterator[Cluster]:
+    """The five hosts and the upstream, each worker started with ``worker_args``;
+    ``prefix`` names the processes' logs."""
     try:
         Network.probe()
     except NetnsUnavailable as e:
@@ -77,27 +86,28 @@ def cluster(log_dir, tmp_path_factory):
         names = ("redis", "hive", "gpu-a", "gpu-b", "follower")
         hosts = {name: net.add_host(name) for name in names}
         upstream_host = net.add_private_host("upstream", via=hosts["hive"])
-        homes = {name: tmp_path_factory.mktemp(f"host-{name}") for name in (*names, "upstream")}
+        homes = {name: tmp_path_factory.mktemp(f"{prefix}-{name}") for name in (*names, "upstream")}
         root = homes["upstream"] / "models"
         build_model(root / MODEL)
+        build_model(root / SPARE_MODEL)
         build_model(root / BIG_MODEL, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4)
 
         redis_url = f"redis://:{REDIS_PASSWORD}@{hosts['redis'].address}:6379/0"
         redis_proc = net.start_process(
-            hosts["redis"], "mh-redis",
+            hosts["redis"], f"{prefix}-redis",
             ["redis-server", "--bind", hosts["redis"].address, "--port", "6379", "--requirepass", REDIS_PASSWORD,
              "--save", "", "--appendonly", "no", "--dir", str(homes["redis"])],
             log_dir,
         )  # fmt: skip
         upstream = net.start_process(
-            upstream_host, "mh-upstream",
+            upstream_host, f"{prefix}-upstream",
             [sys.executable, "-m", "hive.hub.folders", str(root), "--host", upstream_host.address, "--port", "8080",
              "--bytes-per-s", str(UPSTREAM_BYTES_PER_S), "--access-log"],
             log_dir, host_env(homes["upstream"]),
         )  # fmt: skip
         url = f"http://{hosts['hive'].address}:{HIVE_PORT}"
         hive = net.start_process(
-            hosts["hive"], "mh-hive",
+            hosts["hive"], f"{prefix}-hive",
             processes.hive_command(
                 "serve", "--redis-url", redis_url, "--host", hosts["hive"].address, "--port", str(HIVE_PORT),
                 "--admin-keys", ADMIN_KEY, "--sse-ping-s", "1",
@@ -107,10 +117,9 @@ def cluster(log_dir, tmp_path_factory):
         )  # fmt: skip
         workers = [
             net.start_process(
-                hosts[name], f"mh-worker-{name}",
+                hosts[name], f"{prefix}-worker-{name}",
                 processes.hive_command(
-                    "worker", "--redis-url", redis_url, "--device", "cpu", "--max-batch", "1",  # one job each: both pull, both run
-                    "--token-delay-ms", str(TOKEN_DELAY_MS),
+                    "worker", "--redis-url", redis_url, "--device", "cpu", "--token-delay-ms", str(TOKEN_DELAY_MS), *worker_args
                 ),
                 log_dir, host_env(homes[name]) | {"HF_ENDPOINT": f"{url}/hub"},
             )  # fmt: skip
@@ -121,9 +130,23 @@ def cluster(log_dir, tmp_path_factory):
         processes.wait_until(
             lambda: processes.health(url).get("workers", 0) >= 2, processes.STARTUP_TIMEOUT_S, "hive and two workers", everyone
         )
-        yield Cluster(net, url, upstream, root, homes, log_dir)
+        yield Cluster(net, url, upstream, root, homes, log_dir, redis_url)
     finally:
         net.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(log_dir, tmp_path_factory):
+    with running_cluster(log_dir, tmp_path_factory, "mh", ("--max-batch", "1")) as c:  # one job each: both pull, both run
+        yield c
+
+
+@pytest.fixture(scope="module")
+def batching_cluster(log_dir, tmp_path_factory):
+    """Workers that batch (the default --max-batch): an idle one waits on its queues
+    with many slots at once."""
+    with running_cluster(log_dir, tmp_path_factory, "mhb", ()) as c:
+        yield c
 
 
 def submit(api: httpx.Client, **body) -> dict:
@@ -316,3 +339,94 @@ def test_a_worker_cut_off_mid_download_hands_its_job_to_the_other(cluster):
     served = Counter(_SERVED.findall(cluster.upstream.log()))
     assert {name: served[(BIG_MODEL, name)] for name in files_of(cluster, BIG_MODEL)} == {name: 1 for name in files_of(cluster, BIG_MODEL)}
     print(f"\n{cut.name} cut mid-download: retry after {retry_s:.2f} s; rejoined {back_s:.2f} s after the cable was back")
+
+
+def wait_for_ends(api: httpx.Client, job_ids: list[str], timeout_s: float) -> list[dict]:
+    """The jobs' final statuses; a failure lists those that did not end."""
+    ends: dict[str, dict] = {}
+
+    def all_ended() -> bool:
+        for job_id in job_ids:
+            if job_id not in ends and (final := status(api, job_id))["state"] in ("completed", "failed", "cancelled"):
+                ends[job_id] = final
+        return len(ends) == len(job_ids)
+
+    try:
+        processes.wait_until(all_ended, timeout_s, "the jobs")
+    except TimeoutError:
+        pytest.fail(f"not ended within {timeout_s} s: {[status(api, j) for j in job_ids if j not in ends]}")
+    return [ends[job_id] for job_id in job_ids]
+
+
+def redis_now(db: redis.Redis) -> float:
+    """Redis's clock, which every time in a job's record is on (shared/clock.py)."""
+    seconds, microseconds = db.time()
+    return seconds + microseconds / 1e6
+
+
+#: From a cut to a job's end on the other host: the dead-worker window (3 s without
+#: a heartbeat, then a reaper period or two) and a cold load on the other host, with
+#: room for a loaded 2-core machine.
+AFTER_CUT_S = 15
+
+
+@pytest.mark.timeout(180)  # the cluster starts first
+def test_jobs_routed_to_or_queued_behind_a_cut_worker_run_on_the_other(batching_cluster):
+    """Batching workers wait on their queues with many slots at once; one host holds the
+    only loaded copy of the model and is cut off mid-generation. Its job ends with
+    WORKER_LOST, and every job submitted after the cut (routed warm to the cut worker's
+    own queue, queued on the shared one before or after the hive calls it dead) runs
+    on the other host, which loads the model, within the dead-worker window."""
+    cluster = batching_cluster
+    with cluster.api() as api, redis.Redis.from_url(cluster.redis_url) as db:
+        first = wait_for_end(api, submit(api, max_tokens=4)["job_id"])  # cold: one worker pulls and loads it
+        assert first["state"] == "completed", first
+        holder = first["worker"]
+        other = ({"gpu-a", "gpu-b"} - {host_of(holder)}).pop()
+        lost = submit(api, max_tokens=400)  # 20 s: routed warm to the holder, which has free slots
+        processes.wait_until(lambda: status(api, lost["job_id"])["state"] == "running", 20, "the long job running")
+        assert status(api, lost["job_id"])["worker"] == holder
+        assert not any(m["model"] == MODEL for m in workers_by_host(api)[other]["models"])
+
+        received, warm, spare = [], [], []
+        with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{cluster.url}{lost['sse_url']}") as source:
+            for sse in source.iter_sse():
+                if not sse.data:
+                    continue
+                received.append((sse.id, sse.event, sse.data, time.monotonic()))
+                if sse.data == "[DONE]":
+                    break
+                if not warm and sum(e[1] == "token" for e in received) == 3:
+                    cut = cluster.host(host_of(holder))
+                    cluster.net.cut(cut)
+                    cut_at, cut_clock = time.monotonic(), redis_now(db)
+                    # At once, while its heartbeat is fresh: routed warm to its own queue.
+                    warm.append(submit(api, max_tokens=4)["job_id"])
+                    routed_to = db.hget(keys.job(warm[0]), job_record.RQ_QUEUE).decode()
+                    # No one holds this one: the shared queue, which the cut worker's
+                    # free slots wait on too.
+                    spare.extend(submit(api, model=SPARE_MODEL, max_tokens=4)["job_id"] for _ in range(2))
+        assert warm, received
+        try:
+            assert routed_to == keys.worker_queue(keys.DEFAULT_QUEUE, holder)
+            error = received[-2]
+            assert error[1] == "error" and json.loads(error[2])["code"] == "WORKER_LOST", received[-3:]
+            worker_lost_s = error[3] - cut_at
+            assert worker_lost_s < 10
+            processes.wait_until(lambda: cut.name not in workers_by_host(api), 10, "the cut worker off the list")
+            # Called dead: the shared queue again, the other worker holding no copy.
+            later = [submit(api, max_tokens=4)["job_id"] for _ in range(2)]
+            finals = wait_for_ends(api, warm + spare + later, 2 * AFTER_CUT_S)
+        finally:
+            back_s = rejoins(cluster, api, cut)
+        # Its link back, the cut worker leaves them as they ended.
+        again = [status(api, f["job_id"]) for f in finals]
+    assert all(f["state"] == "completed" and host_of(f["worker"]) == other for f in finals), finals
+    assert again == finals
+    after_cut = [round(f["finished_at"] - cut_clock, 2) for f in finals]
+    assert max(after_cut) <= AFTER_CUT_S, after_cut
+    print(
+        f"\n{cut.name} cut with the only loaded copy: WORKER_LOST after {worker_lost_s:.2f} s; the jobs submitted after"
+        f" the cut ended on {other} {after_cut[0]} s (routed warm to the cut worker), {after_cut[1:3]} s (shared queue,"
+        f" before it was called dead), {after_cut[3:]} s (after) from the cut; rejoined {back_s:.2f} s after the cable was back"
+    )

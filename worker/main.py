@@ -9,7 +9,7 @@ import logging
 
 import redis
 
-from shared.connections import sync_client, wait_for_redis
+from shared.connections import dead_peer_options, sync_client, wait_for_redis
 from shared.settings import Settings
 
 log = logging.getLogger("hive.worker")
@@ -34,7 +34,7 @@ def pool_size(slots: int) -> int:
 
 def run_worker(settings: Settings) -> None:
     def connection_for(slots: int):
-        return sync_client(settings.redis_url, max_connections=pool_size(slots))
+        return sync_client(settings.redis_url, max_connections=pool_size(slots), **dead_peer_options())
 
     from rq.serializers import JSONSerializer
 
@@ -57,8 +57,9 @@ def run_worker(settings: Settings) -> None:
     queues = [SlotQueue(name, connection=connection, serializer=JSONSerializer) for name in (runtime.presence.own_queue, settings.queue)]
     slots = Slots(runtime.max_batch, queues, connection, JSONSerializer, runtime.name)
     if settings.metrics_port:
-        runtime.metrics.serve(settings.metrics_port)  # before taking jobs: a port in use stops the worker here
-    runtime.presence.start()
+        # Before taking jobs: a port in use stops the worker here.
+        runtime.metrics.serve(settings.metrics_port, liveness=runtime.liveness.status)
+    runtime.start()
     log.info(
         "worker %s ready on %s, %d slots, budget %.0f MiB: %r",
         runtime.name, runtime.device, runtime.max_batch, runtime.models.budget_bytes / 2**20, settings,

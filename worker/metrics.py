@@ -21,9 +21,14 @@ so ``/metrics`` and ``GET /v1/inference/<id>`` never disagree.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, make_wsgi_app
 
 from shared import job_record, keys
 from shared.events import Event
@@ -37,6 +42,18 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKENS_PER_S_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 DOWNLOAD_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's own server, which answers only /metrics (start_http_server),
+    with a thread per request: a slow scrape never holds up a liveness probe."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # a probe a few seconds would flood the log
+        pass
 
 
 def _text(value: bytes | str | None) -> str:
@@ -105,10 +122,23 @@ class WorkerMetrics:
         if created_at:
             self.slot_wait.observe(max(0.0, job.reporter.clock.now() - created_at))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serves ``/metrics`` on ``host:port`` from a daemon thread."""
-        start_http_server(port, host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+    def serve(self, port: int, host: str = "0.0.0.0", liveness: Callable[[], dict] | None = None) -> None:
+        """Serves ``/metrics`` on ``host:port`` from a daemon thread, and ``/livez``:
+        200 or 503 as ``liveness()["alive"]`` says, with its JSON (worker/cluster/liveness.py)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/livez" and liveness is not None:
+                status = liveness()
+                body = json.dumps(status).encode()
+                start_response("200 OK" if status["alive"] else "503 Service Unavailable",
+                               [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+                return [body]
+            return metrics_app(environ, start_response)
+
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="hive-metrics", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics, liveness on /livez", host, port)
 
     def model_loaded(self, load_ms: float) -> None:
         self.load_seconds.observe(load_ms / 1000)
@@ -148,6 +178,8 @@ class MeasuredReporter(JobReporter):
             # Both on Redis's clock, whichever hosts took them.
             metrics.queue_wait.observe(max(0.0, float(picked_at) - float(created_at)))
 
-    def finish(self, final_event: Event, state: JobState, **fields) -> None:
-        super().finish(final_event, state, **fields)
-        self._metrics.job_finished(self.kind, state, fields)
+    def finish(self, final_event: Event, state: JobState, **fields) -> bool:
+        written = super().finish(final_event, state, **fields)
+        if written:  # a late end (the job was taken over) is the reaper's to count
+            self._metrics.job_finished(self.kind, state, fields)
+        return written

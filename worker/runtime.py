@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -30,6 +31,7 @@ from shared.settings import Settings
 from shared.spec import InferenceRequest, JobState, PullRequest
 from worker.cluster.cancel import CancelListener
 from worker.cluster.lease import LeaseRenewal
+from worker.cluster.liveness import Liveness
 from worker.cluster.presence import Presence
 from worker.engine.running_job import JobAbandoned, JobCancelled, RunningJob, RunningJobs
 from worker.engine.sequence import SamplingParams, Sequence, eos_ids
@@ -108,6 +110,7 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics(self.name, placement, settings.queue)
         self.metrics.capacity.set(self.max_batch)
         self.presence = Presence(connection, self.clock, self.name, settings.queue, self.models, settings.job_ttl_s, self.running)
+        self.liveness = Liveness(self.presence, settings.redis_url)
         self._engines: dict[tuple[str, str | None], Engine] = {}
         self._engines_lock = threading.Lock()
         # An engine stops with its model (evicted, or keep-alive over).
@@ -121,6 +124,23 @@ class WorkerRuntime:
             unloaded(repo_id, revision)
 
         self.models.on_unload = on_unload
+
+    def start(self) -> None:
+        """Heartbeats, keep-alive expiry and the liveness watchdog, each on a thread of its own."""
+        self.presence.start()
+        threading.Thread(target=self._expire_forever, name="hive-keep-alive", daemon=True).start()
+        self.liveness.start()
+
+    def _expire_forever(self) -> None:
+        """Unloads the models whose keep-alive ran out, apart from the heartbeats: each
+        unload runs a full garbage collection and stops the model's engine, and models
+        loaded in a burst expire together."""
+        while True:
+            time.sleep(keys.HEARTBEAT_S)
+            try:
+                self.models.unload_expired()
+            except Exception:  # expiry loop boundary: try again next second
+                log.exception("unloading expired models failed")
 
     def _kv_bytes(self, besides: tuple | None = None) -> int:
         """The KV-cache bytes the batches may take (of every model but ``besides``)."""

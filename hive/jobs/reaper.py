@@ -53,7 +53,7 @@ class Reaper:
         await run_in_threadpool(self.jobs.update_positions)
         moved = await run_in_threadpool(self.jobs.hand_on_stranded)
         if moved:
-            log.info("%d jobs moved from a busy or dead worker's own queue to the shared queue", moved)
+            log.info("%d jobs moved to the shared queue from a busy or dead worker's own queue, or popped for a dead one", moved)
         if not leases:
             return
         for job_id in await self.redis.zrangebyscore(keys.RUNNING, 0, self.jobs.clock.now()):

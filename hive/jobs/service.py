@@ -1,7 +1,7 @@
 """Jobs on the hive's side of Redis once submitted (hive/jobs/submit.py): status,
 cancels, retries after a lost worker, queue-wait timeouts, queue positions, and
-jobs stranded on a busy or dead worker's own queue, which the reaper hands on to
-the front of the shared queue within a second.
+jobs stranded on a busy or dead worker's own queue or popped for a dead one, which
+the reaper hands on to the front of the shared queue (hive/jobs/stranded.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from hive.jobs.stranded import StrandedJobs
 from hive.jobs.submit import Admission, Submitted, Submitter
 from hive.webhooks.guard import resolve as resolve_webhook
 from shared import events, job_record, keys, webhooks
@@ -80,6 +81,7 @@ class JobService:
         self.queue = Queue(settings.queue, connection=sync_connection, serializer=JSONSerializer)
         self._submitter = Submitter(settings, connection, self.queue.connection, clock)
         self._update_position = sync_connection.register_script(_UPDATE_POSITION)
+        self._stranded = StrandedJobs(sync_connection, settings.queue, clock)
 
     async def submit(self, request: InferenceRequest | PullRequest, owner: str, admission: Admission = Admission()) -> Submitted:
         """See hive/jobs/submit.py. A webhook whose host does not resolve to an address
@@ -268,67 +270,9 @@ class JobService:
         return ended
 
     def hand_on_stranded(self) -> int:
-        """Moves the jobs waiting on the own queue of a worker that will not take
-        them soon (it is dead, or every slot of it is busy) to the front of the shared
-        queue, oldest first; drops dead workers from the list. Returns how many moved.
-
-        Goes by RQ's list of queues, not by the live workers: a job routed to a
-        worker in the instant it was declared dead is still found."""
-        connection = self.queue.connection
-        shared = self.queue.name
-        now = self.clock.now()
-        beats = {name.decode(): beat for name, beat in connection.zrange(keys.workers(shared), 0, -1, withscores=True)}
-        for name, beat in beats.items():
-            if beat < now - keys.WORKER_DEAD_AFTER_S:
-                connection.zrem(keys.workers(shared), name)
-        prefix = self._queue(keys.worker_queue(shared, "")).key
-        moved = 0
-        for queue_key in connection.smembers(Queue.redis_queues_keys):
-            queue_key = queue_key.decode()
-            if not queue_key.startswith(prefix):
-                continue
-            name = queue_key.removeprefix(prefix)
-            dead = beats.get(name, 0.0) < now - keys.WORKER_DEAD_AFTER_S
-            capacity, running = connection.hmget(keys.worker(name), "capacity", "running")
-            if not dead and (capacity is None or int(running or 0) < int(capacity)):
-                continue  # a free slot takes them in a moment
-            # From the back of its queue to the front of the shared one: order kept.
-            while rq_id := connection.lmove(queue_key, self.queue.key, "RIGHT", "LEFT"):
-                rq_id = rq_id.decode()
-                with connection.pipeline(transaction=False) as pipe:
-                    pipe.decr(keys.worker_claims(name))  # it will not take this one
-                    pipe.hset(Job.key_for(rq_id), "origin", shared)
-                    pipe.hset(keys.job(rq_id.split("-")[0]), job_record.RQ_QUEUE, shared)
-                    pipe.execute()
-                moved += 1
-            if dead:
-                moved += self._recover_popped(shared, name)
-                connection.srem(Queue.redis_queues_keys, queue_key)
-        return moved
-
-    def _recover_popped(self, shared: str, name: str) -> int:
-        """Jobs a dead worker had popped from its own queue but not yet taken (it
-        died in the moment between RQ's pop and the job's first write): they are
-        still waiting, on no list. Back to the front of the shared queue."""
-        connection = self.queue.connection
-        own = keys.worker_queue(shared, name).encode()
-        waiting = [raw.decode() for raw in connection.zrange(keys.queued(shared), 0, -1)]
-        with connection.pipeline(transaction=False) as pipe:
-            for job_id in waiting:
-                pipe.hmget(keys.job(job_id), job_record.RQ_QUEUE, job_record.STATE, job_record.RQ_ID)
-            records = pipe.execute()
-        # The jobs still on its queue were moved above (their record says the shared queue now).
-        popped = [(job_id, rq_id.decode() if rq_id else job_id) for job_id, (rq_queue, state, rq_id) in zip(waiting, records)
-                  if rq_queue == own and state == JobState.queued.value.encode()]
-        with connection.pipeline(transaction=False) as pipe:
-            for job_id, rq_id in popped:
-                pipe.lpush(self.queue.key, rq_id)
-                pipe.hset(Job.key_for(rq_id), "origin", shared)
-                pipe.hset(keys.job(job_id), job_record.RQ_QUEUE, shared)
-            pipe.execute()
-        for job_id, _ in popped:
-            log.warning("job %s: its worker %s died as it took it; back on the shared queue", job_id, name)
-        return len(popped)
+        """Moves the jobs waiting where no worker will take them soon to the front of
+        the shared queue (hive/jobs/stranded.py). Returns how many moved."""
+        return self._stranded.hand_on()
 
     def update_positions(self) -> int:
         """Tells the first POSITION_UPDATES waiting jobs their position when it

@@ -3,12 +3,16 @@ routing and for ``GET /v1/workers``.
 
 Every HEARTBEAT_S a thread rewrites the worker's hash (device, memory, models held,
 state, its slots and running jobs; it expires after WORKER_DEAD_AFTER_S, so a dead
-worker drops off by itself), scores the worker in its queue's worker set, and
-unloads models whose keep-alive ran out. While it has a free slot, the worker is
-listed in the idle set of each model it holds: the hive picks it from there for a
-job on that model when its slots are not all taken (running jobs plus those
-routed to it and not yet taken) and routes the job to the worker's own queue
-(warm routing, capacity-aware: hive/jobs/submit.py).
+worker drops off by itself) and scores the worker in its queue's worker set. That
+thread does nothing else: unloading a model (a garbage collection, an engine to
+stop) runs on a thread of its own (worker/runtime.py), so many models expiring at
+once cannot delay a heartbeat past the hive's patience. The worker's liveness goes
+by the last heartbeat that got through (worker/cluster/liveness.py).
+
+While it has a free slot, the worker is listed in the idle set of each model it
+holds: the hive picks it from there for a job on that model when its slots are not
+all taken (running jobs plus those routed to it and not yet taken) and routes the
+job to the worker's own queue (warm routing, capacity-aware: hive/jobs/submit.py).
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class Presence:
         self._cached = json.dumps(cached_models())
         self._cache_changed = False
         self._lock = threading.Lock()
+        #: When a heartbeat last reached Redis (time.monotonic()), and why the last one failed.
+        self.last_beat_at = time.monotonic()
+        self.last_beat_error: str | None = None
         models.on_unload = self._unloaded
         self._thread = threading.Thread(target=self._beat_forever, name="hive-heartbeat", daemon=True)
 
@@ -180,6 +187,7 @@ class Presence:
         with self.redis.pipeline(transaction=False) as pipe:
             self._write(pipe)
             pipe.execute()
+        self.last_beat_at = time.monotonic()
 
     def _write(self, pipe) -> None:
         with self._lock:
@@ -231,12 +239,13 @@ class Presence:
         while True:
             time.sleep(keys.HEARTBEAT_S)
             try:
-                self.models.unload_expired()
                 self.beat()
                 if failing:
                     # Back after an outage, maybe on another master with another clock.
                     self.clock.remeasure()
                     failing = False
+                    self.last_beat_error = None
             except Exception as e:  # heartbeat loop boundary: Redis may be back next second
                 log.warning("heartbeat failed: %s", e)
+                self.last_beat_error = str(e) or type(e).__name__
                 failing = True

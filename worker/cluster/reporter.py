@@ -8,10 +8,17 @@ Tokens are not sent from here: the engine packs every job's token commands of on
 decode step (``token_commands``: two per token) into one pipeline without waiting
 for the replies (worker/engine/step_writer.py). Between ``started`` and its end, a job's
 stream is written by the engine only, so every write stays in order.
+
+A job ends once. The end is written by one script that first gives the job's lease
+back (ZREM from the running set); a hive's reaper claims a lost job by the same ZREM
+(hive/jobs/reaper.py). So when a worker comes back after its lease ran out (SIGSTOP,
+a partition) and finishes the job late, its end is dropped and the record stays as
+the reaper wrote it: never both ``completed`` and ``WORKER_LOST``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import hiredis
@@ -21,6 +28,25 @@ from shared import events, job_record, keys, webhooks
 from shared.clock import RedisClock
 from shared.events import Event, Token
 from shared.spec import FINAL_STATES, JobState
+
+log = logging.getLogger("worker.reporter")
+
+# KEYS: the running set, the job's record, its webhook delivery, its log. ARGV: the
+# webhook's eight (shared/webhooks.py: event, now, TTL, …, job id, …), then the
+# channel, the event's stream id, type, JSON and live message, then the record's
+# fields as name, value, … Nothing is written unless the lease is still held; the
+# XADD goes first, so an id the log refuses leaves everything as it was.
+_FINISH = webhooks.ENQUEUE_FUNCTION + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
+redis.call('XADD', KEYS[4], ARGV[10], 'e', ARGV[11], 'd', ARGV[12])
+redis.call('ZREM', KEYS[1], ARGV[6])
+redis.call('HSET', KEYS[2], unpack(ARGV, 14))
+enqueue_webhook(KEYS[2], KEYS[3], unpack(ARGV, 1, 8))
+redis.call('PUBLISH', ARGV[9], ARGV[13])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
 
 
 def _record_fields(state: JobState | None, fields: dict) -> dict[str, str]:
@@ -77,12 +103,11 @@ class JobReporter:
         pipe = self.redis.pipeline(transaction=False)
         if state is not None or fields:
             pipe.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
-        # The webhook's start and end deliveries go out with the state that says so
-        # (shared/webhooks.py); the script checks whether the job has a webhook.
+        # The webhook's start delivery goes out with the state that says so
+        # (shared/webhooks.py; the end's: ``finish``).
+        assert state not in FINAL_STATES, "a job ends through finish(), which checks its lease"
         if state is JobState.running:
             webhooks.enqueue(pipe, self.job_id, webhooks.START, self.clock.now(), self.ttl_s)
-        elif state in FINAL_STATES:
-            webhooks.enqueue(pipe, self.job_id, webhooks.COMPLETED, self.clock.now(), self.ttl_s)
         pipe.xadd(self._log_key, {"e": event.type, "d": data}, id=events.stream_id(self.seq))
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()
@@ -104,16 +129,32 @@ class JobReporter:
     def update(self, state: JobState | None = None, **fields) -> None:
         self.redis.hset(keys.job(self.job_id), mapping=_record_fields(state, fields))
 
-    def finish(self, final_event: Event, state: JobState, **fields) -> None:
-        """The terminal event and the final state; the TTLs restart from now."""
+    def finish(self, final_event: Event, state: JobState, **fields) -> bool:
+        """The terminal event and the final state, with the lease given back, in one
+        script; the TTLs restart from now. Whether it was written: not when a hive's
+        reaper took the job over first (the record stays as the reaper wrote it)."""
         self._before_finish()
-        # The record is final before the event is out: a client that reads the
-        # status on `end` sees the job completed.
-        self.emit(final_event, state, **{job_record.FINISHED_AT: self.clock.now(), **fields})
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.expire(self._log_key, self.ttl_s)
-        pipe.expire(keys.job(self.job_id), self.ttl_s)
-        pipe.zrem(keys.RUNNING, self.job_id)  # give the lease back
+        self.seq += 1
+        data = final_event.to_json()
+        now = self.clock.now()
+        webhook_keys, webhook_args = webhooks.enqueue_arguments(self.job_id, webhooks.COMPLETED, now, self.ttl_s)
+        record = _record_fields(state, {job_record.FINISHED_AT: now, **fields})
+        written = self.redis.register_script(_FINISH)(
+            keys=[keys.RUNNING, webhook_keys[0], webhook_keys[1], self._log_key],
+            args=[
+                *webhook_args,
+                self._channel,
+                events.stream_id(self.seq),
+                final_event.type,
+                data,
+                events.live_message(self.seq, final_event.type, data),
+                *[item for pair in record.items() for item in pair],
+            ],
+        )
+        if not written:
+            log.warning("job %s: its %s came too late: a hive took the job over when its lease ran out; the record stays as that hive wrote it",
+                        self.job_id, state.value)
+            return False
         # The log shrinks about 10× for the job TTL it is kept (shared/events.py).
-        self.redis.register_script(events.COMPACT_TOKENS)(keys=[self._log_key], client=pipe)
-        pipe.execute()
+        self.redis.register_script(events.COMPACT_TOKENS)(keys=[self._log_key])
+        return True

@@ -33,6 +33,9 @@ from shared.connections import REDIS_DOWN, wait_for_writes
 
 log = logging.getLogger("worker.step_writer")
 
+#: Redis's refusal of an XADD whose id is not past the log's last one.
+STREAM_MOVED_ON = "equal or smaller than the target stream top item"
+
 
 class StepWriter:
     def __init__(self, connection: redis.Redis):
@@ -69,15 +72,26 @@ class StepWriter:
         (a Redis error surfaces here)."""
         if self._connection is None:
             return
+        refused: list[redis.ResponseError] = []
         try:
             while self._unread:
-                self._connection.read_response()
+                try:
+                    self._connection.read_response()
+                except redis.ResponseError as e:
+                    if STREAM_MOVED_ON not in str(e):
+                        raise
+                    refused.append(e)
                 self._unread -= 1
         except REDIS_DOWN as e:
             self._ride_out(e, self._unread)
         except BaseException:
             self._drop()  # the replies after an error stay unread
             raise
+        if refused:
+            # A job a hive took over (its lease ran out: the worker was paused or cut off)
+            # has an event after its tokens; its own lease renewal is about to take it out
+            # of the batch. Only its writes are refused: the batch goes on.
+            log.warning("%d token writes refused: %s (a job taken over by a hive)", len(refused), refused[0])
 
     def _ride_out(self, error: Exception, unconfirmed: int) -> None:
         """Waits until Redis answers again (a restart, a failover to a replica)."""
