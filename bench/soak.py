@@ -144,6 +144,8 @@ async def check_streams(connection: aioredis.Redis, job_id: str, streams: list, 
         result["mismatched events"] += sum(1 for g in got if g not in log)
         result["events delivered"] += len(got)
     result["jobs ending with " + (log[-1][1] if log else "nothing")] += 1
+    if log and log[-1][1] == "error":
+        result["  error " + json.loads(log[-1][2])["code"]] += 1
     state = await connection.hget(keys.job(job_id), "state")
     result["jobs stuck unfinished"] += state not in (b"completed", b"failed", b"cancelled")
 

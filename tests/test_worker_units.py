@@ -150,3 +150,32 @@ def test_download_progress_is_throttled_and_ends_at_full_size():
     assert sent[-1].bytes_downloaded == sent[-1].bytes_total == 10_100
     assert sent[-1].files_done == sent[-1].files_total == 2
     assert [e.bytes_downloaded for e in sent] == sorted(e.bytes_downloaded for e in sent)
+
+
+def test_models_loaded_at_once_on_several_threads_all_load_whole(llama_dir, tmp_path):
+    """A worker's slots load different models at once. Building a model and tying its
+    weights touch process-wide state (worker/model/loader.py BUILDING): without the lock,
+    most of these loads, and every later one, failed with the tied head missing."""
+    import shutil
+    import threading
+
+    from worker.model.loader import load_model
+
+    folders = [llama_dir] + [shutil.copytree(llama_dir, tmp_path / f"copy-{k}") for k in range(5)]
+    loaded, errors = [], []
+
+    def load(folder):
+        try:
+            loaded.append(load_model(folder, torch.device("cpu")))
+        except Exception as e:  # collected: the assertion below shows every one
+            errors.append(f"{folder.name}: {e}")
+
+    for _ in range(2):
+        threads = [threading.Thread(target=load, args=(folder,)) for folder in folders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert len(loaded) == 12
+    assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in loaded)  # tied, as the checkpoint says

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,6 +39,17 @@ class LayerProgress:
     layers_total: int
     vram_mb: float
     device: str
+
+
+#: Held while a model is built and while its weights are tied. accelerate's
+#: init_empty_weights patches torch.nn.Module for the whole process, transformers'
+#: no_init_weights sets a process-wide flag, and tying reads state that building
+#: writes: two jobs loading models at once on one worker's threads broke each other,
+#: and every later load of the worker too (114 of 150 jobs of a soak over 60 cold
+#: models ended LOAD_FAILED, "checkpoint has no weights for … lm_head.weight"; 18 of
+#: 24 loads on 8 threads in process, 0 with this lock). Placing the weights, the long
+#: part, stays concurrent.
+BUILDING = threading.Lock()
 
 
 def resolve_dtype(name: str, device: torch.device, config) -> torch.dtype:
@@ -128,7 +140,7 @@ def load_layer_by_layer(
     # no_init_weights: from_config would otherwise run the random init (normal_ on
     # every parameter) through torch's slow meta kernels, 80% of a load's time, for
     # weights the checkpoint replaces anyway (measured with py-spy, bench/load.py).
-    with init_empty_weights(include_buffers=False), no_init_weights():
+    with BUILDING, init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = text_config.num_hidden_layers
@@ -163,7 +175,8 @@ def load_layer_by_layer(
             if 0 <= group < num_layers and on_layer is not None:
                 on_layer(LayerProgress(group + 1, num_layers, _placed_mb(device, placed_bytes), str(device)))
 
-    model.tie_weights()
+    with BUILDING:
+        model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LoadError(f"checkpoint has no weights for {len(missing)} parameters, e.g. {missing[:3]}")
@@ -197,7 +210,8 @@ def load_model(
     config = AutoConfig.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype_name, device, config)
     device_map = "auto" if spread else str(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, max_memory=spread).eval()
+    with BUILDING:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, max_memory=spread).eval()
     if on_layer is not None:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         placed = sum(p.numel() * p.element_size() for p in model.parameters())
