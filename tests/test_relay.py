@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import hiredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -87,7 +88,9 @@ def test_a_quiet_follower_catches_up_from_the_log_what_pub_sub_never_delivered(r
     assert ids_of(frames) == [1, 2, 3] and frames[-1].endswith(DONE_FRAME)
 
 
-def test_a_token_redis_refused_fails_the_next_step_and_the_connection_goes_back(redis_url):
+def test_a_token_behind_the_log_is_dropped_and_the_batch_goes_on(redis_url):
+    """A job a hive took over has an event past its tokens (its lease ran out): Redis
+    refuses the late tokens' ids. Only they are lost; the step does not fail."""
     sync = redis.Redis.from_url(redis_url)
     reporter = JobReporter(sync, RedisClock(sync), uuid.uuid4().hex, 60)
     reporter.emit(Queued(1))
@@ -95,10 +98,25 @@ def test_a_token_redis_refused_fails_the_next_step_and_the_connection_goes_back(
     writer.send(reporter.token_commands(Token("a", 0)))
     reporter.seq -= 1  # the next token reuses id 2: the log refuses it
     writer.send(reporter.token_commands(Token("b", 1)))
-    with pytest.raises(redis.ResponseError):
+    writer.flush()
+    writer.send(reporter.token_commands(Token("c", 2)))  # the same connection, still in step
+    writer.release()
+    assert len(sync.connection_pool._in_use_connections) == 0
+    assert [fields[b"e"] for _, fields in sync.xrange(keys.job_events(reporter.job_id))] == [b"queued", b"token", b"token"]
+    sync.close()
+
+
+def test_any_other_refusal_fails_the_next_step_and_the_connection_goes_back(redis_url):
+    sync = redis.Redis.from_url(redis_url)
+    reporter = JobReporter(sync, RedisClock(sync), uuid.uuid4().hex, 60)
+    reporter.emit(Queued(1))
+    sync.set(keys.job_events("wrong-type"), "not a stream")
+    writer = StepWriter(sync)
+    writer.send([hiredis.pack_command(("XADD", keys.job_events("wrong-type"), "*", "e", "token"))])
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         writer.flush()
-    pool = sync.connection_pool
-    assert len(pool._in_use_connections) == 0
+    assert len(sync.connection_pool._in_use_connections) == 0
     reporter.emit(End(1, 1.0, 1.0, "max_tokens"))  # the job goes on with a healthy connection
-    assert [fields[b"e"] for _, fields in sync.xrange(keys.job_events(reporter.job_id))] == [b"queued", b"token", b"end"]
+    assert [fields[b"e"] for _, fields in sync.xrange(keys.job_events(reporter.job_id))] == [b"queued", b"end"]
+    sync.delete(keys.job_events("wrong-type"))
     sync.close()
