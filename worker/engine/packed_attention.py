@@ -21,8 +21,11 @@ batching use), writes each token's keys and values into its row of the batch's
   already in it).
 
 A step's layout (which rows decode, which chunks prefill, the masks) is built once
-per step and reaches every layer as the ``hive_layout`` keyword, which
-transformers passes through its models to the attention function. Hand-written
+per step and reaches every layer through ``CURRENT_LAYOUT``, a context variable set
+for the step's forward (``StepLayout.active``). Not as a keyword passed down the
+model, as it once was: a model whose decoder layer drops the keywords it does not
+name (Nemotron's) silently ran plain attention over the packed tokens, the rows
+attending to one another, and answered with other text than ``generate``. Hand-written
 because transformers' paged cache (``PagedAttentionCache`` with the "paged|sdpa"
 attention) gathers every row's blocks into one flat copy per layer and step, which
 bench/engines.py measured slower on this CPU than Hive's own batch.
@@ -30,6 +33,8 @@ bench/engines.py measured slower on this CPU than Hive's own batch.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,11 @@ ATTENTION = "hive_packed"
 
 class UnsupportedModel(Exception):
     code = "UNSUPPORTED_MODEL"
+
+
+#: The layout of the packed step whose forward runs on this thread (each engine runs
+#: its model's forwards on a thread of its own); None outside a step.
+CURRENT_LAYOUT: ContextVar[StepLayout | None] = ContextVar("hive_step_layout", default=None)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,15 @@ class StepLayout:
         self._same_length = self._all_decode and len(set(decode_positions)) == 1
         self._device = device
         self._masks: dict[int | None, tuple] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        """This layout for every attention layer of the forward run inside."""
+        token = CURRENT_LAYOUT.set(self)
+        try:
+            yield self
+        finally:
+            CURRENT_LAYOUT.reset(token)
 
     def masks(self, window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
         """The decode batch's mask [rows, 1, 1, width], the starting prompts' block-diagonal
@@ -191,9 +210,10 @@ def _attention(q, k, v, mask, is_causal: bool, scaling, options: dict) -> torch.
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function transformers calls in each attention layer: a packed step's when
-    the forward carries a ``hive_layout``, plain sdpa otherwise."""
-    layout: StepLayout | None = kwargs.pop("hive_layout", None)
+    """The function transformers calls in each attention layer: a packed step's inside
+    ``StepLayout.active``, plain sdpa otherwise (the model's own forward, as the
+    self-check's reference: worker/engine/batch.py)."""
+    layout = CURRENT_LAYOUT.get()
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return layout.attend(module.layer_idx, query, key, value, scaling, kwargs), None
