@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from worker.engine.batch import Batch
+from worker.engine.kv_cache import kv_bytes_per_token
 from worker.engine.packed_attention import UnsupportedModel
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
@@ -29,14 +30,21 @@ SMALL = dict(
     num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
     n_embd=64, n_layer=2, n_head=4, n_positions=256,
 )
-SERVED = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "nemotron", "phimoe"]
+SERVED = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "nemotron", "phimoe", "gemma4_text"]
+#: Beyond SMALL: Gemma 4's layer pattern (sliding windows shorter than the longer
+#: prompts, a full-attention layer with head dims of its own: a per-layer config).
+SHAPES = {
+    "gemma4_text": dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=8,
+                        global_head_dim=32),
+}
 REFUSED = ["minimax"]
 
 
 def tiny(model_type: str):
-    config = AutoConfig.for_model(model_type)
+    shape = SHAPES.get(model_type, {})
+    config = AutoConfig.for_model(model_type, **shape) if shape else AutoConfig.for_model(model_type)
     for name, value in SMALL.items():
-        if hasattr(config, name):
+        if name not in shape and name in config.to_dict():
             setattr(config, name, value)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -47,9 +55,11 @@ def generated(model) -> list[list[int]]:
     return [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):].tolist() for p in PROMPTS]
 
 
-def hive_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
+def hive_greedy(model, prompts: list[list[int]], batches: list | None = None) -> list[list[int]]:
     """Hive's engine step: every prompt prefilled in one packed pass, then decoded together."""
     batch = Batch(model)
+    if batches is not None:
+        batches.append(batch)
     batch.reserve(len(prompts), 128)
     rows = [batch.add(k, p, len(p) + NEW_TOKENS) for k, p in enumerate(prompts)]
     out: list[list[int]] = [[] for _ in prompts]
@@ -68,8 +78,12 @@ def hive_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
 def test_served_architectures_answer_as_generate_alone_and_batched(model_type):
     model = tiny(model_type)
     expected = generated(model)
-    assert hive_greedy(model, PROMPTS) == expected  # batched: three prompts in one pass
+    batches = []
+    assert hive_greedy(model, PROMPTS, batches) == expected  # batched: three prompts in one pass
     assert [hive_greedy(model, [p])[0] for p in PROMPTS] == expected  # alone
+    # The memory budget counts what the cache really holds, from each layer's own shapes.
+    cache = batches[0].cache
+    assert cache.allocated_bytes == cache.rows * cache.columns * kv_bytes_per_token(model)
 
 
 @pytest.mark.parametrize("model_type", REFUSED)

@@ -31,13 +31,24 @@ def round_columns(tokens: int) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
-    """Keys and values of one token in every layer, from the model's config and dtype."""
+    """Keys and values of one token in every layer, from the model's config and dtype:
+    layer by layer where the config differs per layer (Gemma 4's head dims), where
+    reading ``config.head_dim`` raises."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_attention_heads")
+    if getattr(config, "is_heterogeneous", False):
+        layers = list(config.per_layer_config)
+    else:
+        layers = [config] * config.num_hidden_layers
+    itemsize = next(model.parameters()).element_size()
+    return 2 * itemsize * sum(_kv_width(layer) for layer in layers)
+
+
+def _kv_width(config) -> int:
+    """One layer's key (or value) width per token: KV heads × head dim."""
+    heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    return kv_heads * head_dim
 
 
 class KVCache:
