@@ -23,6 +23,9 @@ from worker.engine.packed_attention import ATTENTION, Segment, StepLayout, Unsup
 #: Nemotron and PhiMoE in float32 and bfloat16 alike; 0.23 for MiniMax, whose
 #: linear-attention layers keep a state the packed step does not carry.
 SAME_LOGITS_COSINE = 0.99
+#: The self-check's prompts (prefilled together) and decode steps.
+PROBE_LENGTHS = (14, 34)
+PROBE_STEPS = 8
 
 
 @dataclass(eq=False)
@@ -145,35 +148,41 @@ class Batch:
 @torch.inference_mode()
 def verify_packed(model) -> None:
     """Raises UnsupportedModel unless the packed step gives the model's own logits:
-    two short prompts prefilled together, then three decode steps, each position
+    two prompts (14 and 34 tokens) prefilled together, then eight decode steps, each position
     against the model's plain forward (eager attention) over the whole sequence. A
     refusal beats a wrong answer: an architecture whose layers keep state outside
     attention (linear attention, state-space, short convolutions) or bypass
     transformers' attention hook would otherwise answer with other text than
     ``generate``."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    device = next(model.parameters()).device
-    prompts = [[(3 + 7 * k) % config.vocab_size for k in range(n)] for n in (3, 9)]
-    steps = 3
-    # The reference first: the model's own logits at each position, greedy.
-    own_logits: list[list[torch.Tensor]] = []
-    sequences = []
+    prompts = [[(3 + 7 * k) % config.vocab_size for k in range(n)] for n in PROBE_LENGTHS]
+    steps = PROBE_STEPS
+    for implementation in ("eager", "sdpa"):  # eager is the plainest; some models' eager path is broken
+        try:
+            own_logits, sequences = own_greedy(model, prompts, steps, implementation)
+            break
+        except Exception as e:  # noqa: BLE001 - tried with the next implementation, or refused below
+            failure = e
+        finally:
+            model.set_attn_implementation(ATTENTION)
+    else:
+        raise UnsupportedModel(f"{type(model).__name__}: its own forward fails in Hive's self-check ({type(failure).__name__}: {failure})") from failure
     try:
-        model.set_attn_implementation("eager")
-    except (ValueError, ImportError):  # a model that runs only on other kernels: its default is the reference
-        model.set_attn_implementation("sdpa")
-    try:
-        for prompt in prompts:
-            sequence, logits = list(prompt), []
-            for _ in range(steps):
-                logits.append(model(input_ids=torch.tensor([sequence], device=device), use_cache=False).logits[0, -1].float())
-                sequence.append(int(logits[-1].argmax()))
-            own_logits.append(logits)
-            sequences.append(sequence)
-    finally:
-        model.set_attn_implementation(ATTENTION)
+        worst = _packed_cosine(model, prompts, sequences, own_logits, steps)
+    except Exception as e:  # the packed step itself fails on this architecture: refused, not an error per job
+        raise UnsupportedModel(f"{type(model).__name__}: Hive's batched forward fails on it ({type(e).__name__}: {e})") from e
+    if worst < SAME_LOGITS_COSINE:
+        raise UnsupportedModel(
+            f"{type(model).__name__}: Hive's batched forward does not give the model's own logits (cosine {worst:.2f}); "
+            "its layers keep state outside attention (linear attention, state-space), which Hive does not batch yet"
+        )
+
+
+def _packed_cosine(model, prompts, sequences, own_logits, steps) -> float:
+    """The lowest cosine of the packed step's logits and the model's own, feeding both
+    the same (the model's own greedy) tokens."""
     batch = Batch(model, verify=False)
-    batch.reserve(len(prompts), 16)
+    batch.reserve(len(prompts), max(PROBE_LENGTHS) + PROBE_STEPS)
     chunks = {batch.add(k, prompt, len(prompt) + steps): len(prompt) for k, prompt in enumerate(prompts)}
     worst = 1.0
     for step in range(steps):
@@ -183,8 +192,20 @@ def verify_packed(model) -> None:
             own = own_logits[row.owner][step]
             worst = min(worst, float(torch.nn.functional.cosine_similarity(packed.float(), own, dim=0)))
             batch.feed(row, sequences[row.owner][len(prompts[row.owner]) + step])
-    if worst < SAME_LOGITS_COSINE:
-        raise UnsupportedModel(
-            f"{type(model).__name__}: Hive's batched forward does not give the model's own logits (cosine {worst:.2f}); "
-            "its layers keep state outside attention (linear attention, state-space), which Hive does not batch yet"
-        )
+    return worst
+
+
+def own_greedy(model, prompts, steps, implementation: str) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
+    """The reference: the model's own logits at each position (its plain forward over the
+    whole sequence, with ``implementation``), greedy, and the sequences it makes."""
+    model.set_attn_implementation(implementation)
+    device = next(model.parameters()).device
+    own_logits, sequences = [], []
+    for prompt in prompts:
+        sequence, logits = list(prompt), []
+        for _ in range(steps):
+            logits.append(model(input_ids=torch.tensor([sequence], device=device), use_cache=False).logits[0, -1].float())
+            sequence.append(int(logits[-1].argmax()))
+        own_logits.append(logits)
+        sequences.append(sequence)
+    return own_logits, sequences
