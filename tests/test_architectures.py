@@ -112,12 +112,9 @@ def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-@pytest.mark.filterwarnings("ignore")  # third-party configs' own warnings, built from a generic shape
-@pytest.mark.parametrize("model_type", sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
-def test_every_causal_lm_architecture_answers_as_generate_or_is_refused(model_type):
-    """The sweep: every architecture in transformers' causal-LM mapping that builds tiny
-    and that generate runs gives generate's text batched, or is refused; never other
-    text. Skipped, saying why, where it cannot be built tiny from the generic shape."""
+def sweep_one(model_type: str) -> str:
+    """``served``, ``refused: …`` or ``not checked: …`` (it cannot be built tiny from the
+    generic shape, or generate fails there); raises AssertionError on other text."""
     try:
         config = AutoConfig.for_model(model_type, **SHAPES.get(model_type, {}))
         for name, value in SMALL.items():
@@ -126,21 +123,36 @@ def test_every_causal_lm_architecture_answers_as_generate_or_is_refused(model_ty
         with torch.device("meta"):
             parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         if parameters > TINY_PARAMETERS:
-            pytest.skip(f"{parameters / 1e6:.0f}M parameters from the generic shape: needs a shape of its own")
+            return f"not checked: {parameters / 1e6:.0f}M parameters from the generic shape"
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
-    except Exception as e:  # noqa: BLE001 - what the generic shape cannot build is reported, not failed
-        pytest.skip(f"cannot be built from the generic shape: {type(e).__name__}: {str(e)[:120]}")
+    except Exception as e:  # what the generic shape cannot build is reported, not failed
+        return f"not checked: cannot be built from the generic shape ({type(e).__name__})"
     try:
         expected = generated(model)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"transformers' generate fails on it at this shape: {type(e).__name__}: {str(e)[:120]}")
+    except Exception as e:  # transformers itself cannot generate with it at this shape
+        return f"not checked: generate fails at this shape ({type(e).__name__})"
     if model_type in GENERATE_DIFFERS_FROM_ITS_MODEL:
         expected = [sequence[len(prompt):] for prompt, sequence in zip(PROMPTS, own_greedy(model, PROMPTS, NEW_TOKENS, "sdpa")[1])]
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, list) else {eos} - {None}
     try:
         answered = hive_greedy(model, PROMPTS)
-    except UnsupportedModel:
-        return  # refused, with its reason: a refusal beats a wrong answer
-    assert [until_eos(t, eos) for t in answered] == [until_eos(t, eos) for t in expected]
+    except UnsupportedModel as e:
+        return f"refused: {e}"  # a refusal beats a wrong answer
+    assert [until_eos(t, eos) for t in answered] == [until_eos(t, eos) for t in expected], model_type
+    return "served"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore")  # third-party configs' own warnings, built from a generic shape
+def test_every_causal_lm_architecture_answers_as_generate_or_is_refused():
+    """The sweep: every architecture in transformers' causal-LM mapping that builds tiny
+    and that generate runs gives generate's text batched, or is refused; never other
+    text. One test rather than 200, so that the ones the generic shape cannot build do
+    not print a skip line each in every run; docs/engine.md has the counts."""
+    outcomes = {model_type: sweep_one(model_type) for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}
+    served = [m for m, outcome in outcomes.items() if outcome == "served"]
+    assert set(SERVED) - {"gemma4_text"} <= set(served)  # gemma4_text: not tiny from the generic shape
+    assert "minimax" in [m for m, outcome in outcomes.items() if outcome.startswith("refused")]
+    assert len(served) >= 80  # as measured when this was written: a drop is a regression

@@ -4,7 +4,7 @@ reported as events.
 The worker process holds one ``WorkerRuntime`` (device, loaded models, one batching
 engine per model, Redis connection). RQ's slot threads (worker/cluster/rq_slots.py) call
 ``worker.tasks.run_inference``, which hands the job to it: the job's thread
-downloads and loads what it needs, then submits the job to the model's engine
+downloads and loads what it needs, then adds the job to the model's engine
 and waits for it to end there, so RQ's own bookkeeping (status, registries)
 follows each job.
 """

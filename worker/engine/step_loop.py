@@ -11,7 +11,7 @@ to write the terminal event. A job joins at the next step after it arrives, and 
 job that ends leaves at once.
 
 The job's own RQ slot thread (worker/runtime.py) waits on ``job.done``; between
-``submit`` and ``done`` only the engine writes to the job's stream.
+``add_job`` and ``done`` only the engine writes to the job's stream.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from worker.engine.scheduler import Scheduler
 from worker.engine.step_writer import StepWriter
 
 log = logging.getLogger("worker.engine")
-
-#: Redis could not be reached, even after the client's own retries.
 
 #: Prompt tokens one step prefills beside the decode, before the scheduler scales it
 #: (``Scheduler.budget``): a chunk delays the running streams' next token by about
@@ -72,7 +70,7 @@ class Engine:
         arriving: Callable[[], int] = lambda: 0,
     ):
         """``arriving``: how many jobs for this model the worker has taken and not yet
-        submitted."""
+        added."""
         self.name = name
         self._arriving = arriving
         self.batch = Batch(model)
@@ -153,7 +151,7 @@ class Engine:
         at least GATHER_MIN_S after the oldest waiting job arrived (the jobs of a
         burst reach the engine over a few milliseconds, through RQ's slots), and up
         to GATHER_S while jobs this worker has taken are still on their way (each
-        wakes the engine as it is submitted)."""
+        wakes the engine as it is added)."""
         if self.batch.decoding:
             return
         with self._wake:
