@@ -156,3 +156,48 @@ def test_every_causal_lm_architecture_answers_as_generate_or_is_refused():
     assert set(SERVED) - {"gemma4_text"} <= set(served)  # gemma4_text: not tiny from the generic shape
     assert "minimax" in [m for m, outcome in outcomes.items() if outcome.startswith("refused")]
     assert len(served) >= 80  # as measured when this was written: a drop is a regression
+
+
+def save_tiny(model_type: str, folder) -> tuple:
+    """A tiny random ``model_type`` with the suite's tokenizer, as a hub folder."""
+    from tests.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    shape = {**SMALL, "vocab_size": len(tokenizer)}
+    config = AutoConfig.for_model(model_type)
+    for name, value in shape.items():
+        if name in config.to_dict():
+            setattr(config, name, value)
+    if getattr(config, "layer_types", None):  # one per layer, as saving checks
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore")  # third-party configs' own warnings
+@pytest.mark.parametrize("model_type", ["nemotron", "minimax"])
+def test_through_real_processes_an_architecture_is_served_as_generate_or_refused(cluster, model_type):
+    """Through redis-server, `hive serve` and `hive worker`: Nemotron (whose layers drop
+    the step's keywords) streams generate's greedy text; MiniMax (linear attention)
+    ends with UNSUPPORTED_MODEL and says why, rather than answer with other text."""
+    from tests import sse
+
+    model, tokenizer = save_tiny(model_type, cluster.hub.root / "arch" / model_type)
+    prompt = "The quick brown fox"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    job, received = sse.run_job(cluster.url, model=f"arch/{model_type}", prompt=prompt, max_tokens=8, temperature=0)
+    status = sse.status(cluster.url, job["job_id"])
+    if model_type == "minimax":
+        assert status["state"] == "failed" and status["error"]["code"] == "UNSUPPORTED_MODEL", status
+        assert "does not give the model's own logits" in status["error"]["message"]
+        assert [r.event for r in received if r.event == "token"] == []
+    else:
+        assert status["state"] == "completed", status
+        assert status["output"] == expected
