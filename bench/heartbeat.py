@@ -31,7 +31,6 @@ from tests.tiny_models import build_model
 
 QUEUE = "hive:bench-heartbeat"
 POLL_S = 0.05
-PROMPT_TOKENS: list[int] = []
 
 
 def burn(stop) -> None:
@@ -71,12 +70,13 @@ class HeartbeatGaps:
             time.sleep(POLL_S)
 
 
-def load(url: str, seconds: float) -> int:
+def load(url: str, seconds: float) -> tuple[int, int]:
     """The engine's own long work, with few writes of the worker's hash besides the
     heartbeat's (a job writes it as it starts and ends): one long job at a time on a
     110M-parameter model (a prompt of about 1,500 tokens, prefilled in chunks, then 64 tokens),
-    and a 400-layer model loaded beside the first one. Returns the jobs run."""
-    done = 0
+    and a 400-layer model loaded beside the first one. Returns the jobs run and their
+    prompt's tokens."""
+    done = prompt_tokens = 0
     deadline = time.monotonic() + seconds
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 100)
     with httpx.Client(base_url=url, timeout=300) as client:
@@ -87,8 +87,8 @@ def load(url: str, seconds: float) -> int:
                 time.sleep(0.2)
             assert status["state"] == "completed", status
             done += 1
-            PROMPT_TOKENS.append(status["prompt_tokens"])
-    return done
+            prompt_tokens = status["prompt_tokens"]
+    return done, prompt_tokens
 
 
 def summary(gaps: list[float]) -> dict:
@@ -131,15 +131,15 @@ def main() -> None:
                 time.sleep(args.seconds)  # the scenario is the passage of time itself: an idle worker
             results["idle worker"] = summary(idle.gaps)
             with HeartbeatGaps(redis_url) as busy:
-                jobs = load(url, args.seconds)
-            results[f"its own long jobs ({jobs} job{'s' * (jobs != 1)}: a {PROMPT_TOKENS[0]:,}-token prefill and 64 tokens on 110M parameters) and a 400-layer load"] = summary(busy.gaps)
+                jobs, prompt_tokens = load(url, args.seconds)
+            results[f"its own long jobs ({jobs} job{'s' * (jobs != 1)}: a {prompt_tokens:,}-token prefill and 64 tokens on 110M parameters) and a 400-layer load"] = summary(busy.gaps)
             stop = multiprocessing.Event()
             burners = [multiprocessing.Process(target=burn, args=(stop,), daemon=True) for _ in range(multiprocessing.cpu_count())]
             for burner in burners:
                 burner.start()
             try:
                 with HeartbeatGaps(redis_url) as pressed:
-                    jobs = load(url, args.seconds)
+                    jobs, _ = load(url, args.seconds)
             finally:
                 stop.set()
                 for burner in burners:

@@ -79,20 +79,8 @@ def hub(model_root, log_dir):
 
 
 def _start_cluster(name: str, redis_url: str, hub: Hub, log_dir: Path, hf_home: Path, *worker_args: str) -> Cluster:
-    port = processes.free_port()
-    queue = f"hive:test-{name}"
-    hive = processes.start(
-        f"hive-{name}",
-        processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, "--sse-ping-s", "1"),
-        log_dir,
-    )
-    worker = processes.start(
-        f"worker-{name}",
-        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", *worker_args),
-        log_dir,
-        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"},
-    )
-    return Cluster(f"http://127.0.0.1:{port}", redis_url, queue, hub, hive, worker)
+    url, queue, hive, worker = processes.start_hive_and_worker(name, redis_url, hub.url, log_dir, hf_home, *worker_args, hive_args=("--sse-ping-s", "1"))
+    return Cluster(url, redis_url, queue, hub, hive, worker)
 
 
 @pytest.fixture(scope="session")

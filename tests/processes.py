@@ -87,6 +87,37 @@ def start_redis(log_dir: Path) -> tuple[Proc, str]:
     return proc, url
 
 
+def start_redis_on(port: int, log_dir: Path, data_dir: Path | None = None) -> Proc:
+    """A redis-server on ``port`` (to stop and start again on the same address);
+    ``data_dir``: keep an append-only file there, so a restart keeps the data."""
+    exe = shutil.which("redis-server")
+    persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)] if data_dir else ["--appendonly", "no"]
+    name = f"redis-{port}-{time.monotonic_ns()}"
+    proc = start(name, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence], log_dir)
+    client = redis.Redis(port=port)
+    wait_until(client.ping, 10, "redis-server", (proc,))
+    client.close()
+    return proc
+
+
+def start_hive_and_worker(
+    name: str, redis_url: str, hub_url: str, log_dir: Path, hf_home: Path, *worker_args: str, hive_args: tuple[str, ...] = ()
+) -> tuple[str, str, Proc, Proc]:
+    """`hive serve` and one CPU `hive worker` on the queue ``hive:test-<name>``, the
+    worker downloading from ``hub_url``: (the hive's URL, the queue, hive, worker). The
+    caller waits for them on /health."""
+    port = free_port()
+    queue = f"hive:test-{name}"
+    hive = start(f"hive-{name}", hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue, *hive_args), log_dir)
+    worker = start(
+        f"worker-{name}",
+        hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", *worker_args),
+        log_dir,
+        env={"HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"},
+    )
+    return f"http://127.0.0.1:{port}", queue, hive, worker
+
+
 def start_hub(root: Path, log_dir: Path, bytes_per_s: int = 0, access_log: bool = False, name: str = "hub") -> tuple[Proc, str]:
     """``access_log``: the log names every request, so a test can count what was served."""
     port = free_port()

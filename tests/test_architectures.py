@@ -41,12 +41,18 @@ SHAPES = {
 REFUSED = ["minimax"]
 
 
-def tiny(model_type: str):
+def tiny_config(model_type: str):
+    """``model_type``'s config at SMALL's shape (and its own, SHAPES, where it has one)."""
     shape = SHAPES.get(model_type, {})
-    config = AutoConfig.for_model(model_type, **shape) if shape else AutoConfig.for_model(model_type)
+    config = AutoConfig.for_model(model_type, **shape)
     for name, value in SMALL.items():
         if name not in shape and name in config.to_dict():
             setattr(config, name, value)
+    return config
+
+
+def tiny(model_type: str):
+    config = tiny_config(model_type)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -116,10 +122,7 @@ def sweep_one(model_type: str) -> str:
     """``served``, ``refused: …`` or ``not checked: …`` (it cannot be built tiny from the
     generic shape, or generate fails there); raises AssertionError on other text."""
     try:
-        config = AutoConfig.for_model(model_type, **SHAPES.get(model_type, {}))
-        for name, value in SMALL.items():
-            if name not in SHAPES.get(model_type, {}) and name in config.to_dict():
-                setattr(config, name, value)
+        config = tiny_config(model_type)
         with torch.device("meta"):
             parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         if parameters > TINY_PARAMETERS:

@@ -3,7 +3,6 @@ a job: clear errors, no hang, nothing stuck, and both reconnect by themselves.""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
@@ -22,21 +21,9 @@ from worker.cluster.reporter import JobReporter
 pytestmark = pytest.mark.e2e
 
 
-def start_redis_on(port: int, log_dir, data_dir=None) -> processes.Proc:
-    """``data_dir``: keep an append-only file there, so a restart keeps the data."""
-    exe = shutil.which("redis-server")
-    persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)] if data_dir else ["--appendonly", "no"]
-    name = f"redis-{port}-{time.monotonic_ns()}"
-    proc = processes.start(name, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence], log_dir)
-    client = redis.Redis(port=port)
-    processes.wait_until(client.ping, 10, "redis-server", (proc,))
-    client.close()
-    return proc
-
-
 def test_hive_survives_a_redis_restart(log_dir):
     port = processes.free_port()
-    redis_proc = start_redis_on(port, log_dir)
+    redis_proc = processes.start_redis_on(port, log_dir)
     hive_port = processes.free_port()
     url = f"http://127.0.0.1:{hive_port}"
     hive = processes.start(
@@ -64,7 +51,7 @@ def test_hive_survives_a_redis_restart(log_dir):
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and "error" in health.json()["redis"]
 
-        redis_proc = start_redis_on(port, log_dir)
+        redis_proc = processes.start_redis_on(port, log_dir)
         processes.wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, 20, "hive reconnected", (hive,))
         job = submit(url, model="acme/tiny", prompt="x")
         # Live events flow again: the relay resubscribed.
@@ -86,7 +73,7 @@ def test_hive_survives_a_redis_restart(log_dir):
 
 def test_a_worker_outlives_a_redis_restart_in_the_middle_of_a_job(log_dir, hub, tmp_path):
     port = processes.free_port()
-    redis_proc = start_redis_on(port, log_dir, tmp_path)
+    redis_proc = processes.start_redis_on(port, log_dir, tmp_path)
     redis_url = f"redis://127.0.0.1:{port}/0"
     hive_port = processes.free_port()
     url = f"http://127.0.0.1:{hive_port}"
@@ -109,7 +96,7 @@ def test_a_worker_outlives_a_redis_restart_in_the_middle_of_a_job(log_dir, hub, 
         redis_proc.stop()
         down_at = time.monotonic()
         processes.wait_until(lambda: "lost Redis" in worker.log(), 10, "the worker noticing")
-        redis_proc = start_redis_on(port, log_dir, tmp_path)
+        redis_proc = processes.start_redis_on(port, log_dir, tmp_path)
         outage_s = time.monotonic() - down_at
 
         # The batch waited for Redis and went on: the job completes, and its stream
@@ -152,7 +139,7 @@ def test_a_worker_waits_out_redis_lost_in_rqs_own_bookkeeping_after_a_job(log_di
     a dead Redis exactly there. Redis then comes back on the same port with its
     append-only file, as after a restart."""
     port = processes.free_port()
-    redis_procs = [start_redis_on(port, log_dir, tmp_path)]
+    redis_procs = [processes.start_redis_on(port, log_dir, tmp_path)]
     proxy = RedisProxy(
         port,
         at=lambda args: args[0].upper() == b"WATCH" and args[1].startswith(b"rq:job:") and args[1].endswith(b":dependents"),
@@ -182,7 +169,7 @@ def test_a_worker_waits_out_redis_lost_in_rqs_own_bookkeeping_after_a_job(log_di
         assert proxy.caught[1] == f"rq:job:{job['job_id']}:dependents".encode()
         processes.wait_until(lambda: f"success bookkeeping of job {job['job_id']} lost Redis" in worker.log(), 20, "the worker waiting", (worker,))
 
-        redis_procs.append(start_redis_on(port, log_dir, tmp_path))
+        redis_procs.append(processes.start_redis_on(port, log_dir, tmp_path))
         processes.wait_until(lambda: "answers" in worker.log(), 20, "the worker seeing Redis back", (worker,))
 
         # The job ran once and ended once: its own end had gone out before RQ's

@@ -12,7 +12,6 @@ import pytest
 
 from tests import processes
 from tests.sse import events, run_job
-from tests.test_redis_outage import start_redis_on
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -35,7 +34,7 @@ def test_a_hive_and_a_worker_started_before_redis_wait_for_it_then_serve(log_dir
         processes.wait_until(lambda: _health_status(url) == 503, processes.STARTUP_TIMEOUT_S, "the hive answering 503", (hive,))
         for proc in (hive, worker):
             processes.wait_until(lambda p=proc: f"waiting for Redis at {redis_url}" in p.log(), 30, f"{proc.name} waiting", (proc,))
-        redis_proc = start_redis_on(port, log_dir)
+        redis_proc = processes.start_redis_on(port, log_dir)
         processes.wait_until(lambda: processes.health(url).get("workers") == 1, processes.STARTUP_TIMEOUT_S, "the cluster", (hive, worker))
         _, received = run_job(url, model="acme/tiny", prompt="Hello", max_tokens=4, temperature=0)
         assert [r.event for r in events(received)][-1] == "end"

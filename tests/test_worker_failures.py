@@ -105,16 +105,7 @@ def test_worker_killed_before_the_first_token_retries_once_on_another(fleet):
 
 
 def test_sigterm_lets_the_worker_finish_its_job_then_exit(redis_url, hub, log_dir, tmp_path):
-    port = processes.free_port()
-    queue = "hive:test-sigterm"
-    hive = processes.start("hive-sigterm", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir)
-    worker = processes.start(
-        "worker-sigterm",
-        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", "100"),
-        log_dir,
-        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")},
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, _, hive, worker = processes.start_hive_and_worker("sigterm", redis_url, hub.url, log_dir, tmp_path / "hf", "--token-delay-ms", "100")
     try:
         processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, processes.STARTUP_TIMEOUT_S, "worker", (hive, worker))
         job = submit(url, model="acme/tiny", prompt=PROMPT, max_tokens=15, temperature=0)

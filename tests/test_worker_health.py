@@ -55,18 +55,7 @@ def test_a_worker_holding_a_hundred_models_keeps_serving(many_models, log_dir, t
     machine's memory), and the worker still serves, heartbeats and renews leases."""
     redis_proc, redis_url = processes.start_redis(log_dir)
     hub_proc, hub_url = processes.start_hub(many_models, log_dir, name="hub-many")
-    port = processes.free_port()
-    queue = "hive:test-many-models"
-    hive = processes.start(
-        "hive-many", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir
-    )
-    worker = processes.start(
-        "worker-many",
-        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu"),
-        log_dir,
-        env={"HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, _, hive, worker = processes.start_hive_and_worker("many-models", redis_url, hub_url, log_dir, tmp_path / "hf")
     client = redis.Redis.from_url(redis_url)
     try:
         processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, processes.STARTUP_TIMEOUT_S, "hive and worker", (hive, worker))
@@ -140,16 +129,7 @@ def test_a_worker_paused_past_its_lease_leaves_the_job_as_the_reaper_ended_it(re
     """SIGSTOP in the middle of a job, past its lease: the hive ends it WORKER_LOST; then
     SIGCONT: the worker gives the job up (or finds its end too late), the record keeps
     saying WORKER_LOST, the stream ends once, and the worker serves the next job."""
-    port = processes.free_port()
-    queue = "hive:test-paused"
-    hive = processes.start("hive-paused", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir)
-    worker = processes.start(
-        "worker-paused",
-        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--token-delay-ms", "100"),
-        log_dir,
-        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, _, hive, worker = processes.start_hive_and_worker("paused", redis_url, hub.url, log_dir, tmp_path / "hf", "--token-delay-ms", "100")
     try:
         processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, processes.STARTUP_TIMEOUT_S, "hive and worker", (hive, worker))
         job = sse.submit(url, model="acme/tiny", prompt="Hello", max_tokens=40, temperature=0)
@@ -207,14 +187,6 @@ def test_the_watchdog_exits_a_wedged_worker_and_waits_out_an_outage(redis_url, r
     assert fresh.alive() and fresh.check_once() is False
 
 
-def start_redis_on(port: int, log_dir, name: str) -> processes.Proc:
-    proc = processes.start(name, [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], log_dir)
-    client = redis.Redis(port=port)
-    processes.wait_until(client.ping, 10, "redis-server", (proc,))
-    client.close()
-    return proc
-
-
 def check(metrics_port: int) -> subprocess.CompletedProcess:
     return processes.run_hive("worker", "--check", "--metrics-port", str(metrics_port), timeout=30)
 
@@ -224,7 +196,7 @@ def test_liveness_follows_the_heartbeat_through_a_redis_outage(hub, log_dir, tmp
     """/livez and `hive worker --check` fail while heartbeats fail (Redis stopped), and
     pass again once Redis is back: the worker recovers on its own, it does not exit."""
     redis_port = processes.free_port()
-    redis_proc = start_redis_on(redis_port, log_dir, "redis-liveness")
+    redis_proc = processes.start_redis_on(redis_port, log_dir)
     metrics_port = processes.free_port()
     worker = processes.start(
         "worker-liveness",
@@ -245,7 +217,7 @@ def test_liveness_follows_the_heartbeat_through_a_redis_outage(hub, log_dir, tmp
         assert dead.returncode == 1 and "worker not alive" in dead.stderr, dead
         assert httpx.get(livez, timeout=2).json()["last_error"]
 
-        redis_proc = start_redis_on(redis_port, log_dir, "redis-liveness-2")
+        redis_proc = processes.start_redis_on(redis_port, log_dir)
         processes.wait_until(lambda: httpx.get(livez, timeout=2).status_code == 200, 30, "liveness back", (worker,))
         assert check(metrics_port).returncode == 0
         assert "wedged" not in worker.log()
