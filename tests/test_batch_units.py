@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from worker.engine.batch import Batch
+from worker.engine.self_check import batch_for
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -41,7 +41,7 @@ def _model(arch: str):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-window", "gemma2"])
 def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     reference, model = _model(arch)
-    batch = Batch(model)
+    batch = batch_for(model)
     g = torch.Generator().manual_seed(1)
     lengths = {"a": 37, "b": 5, "c": 70, "d": 12, "e": 9, "f": 9}
     # Each sequence's whole text: its prompt, then the tokens it is fed (chosen, not

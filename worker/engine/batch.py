@@ -7,6 +7,9 @@ the token it feeds next. A newcomer's row prefills its prompt in chunks, as many
 tokens a step as the scheduler gives it, in the same pass as the running rows'
 decode; with its prompt's last chunk it gets its logits, and from the next step
 it decodes. A row that ends leaves at once (the last row takes its index).
+
+Models with recurrent layers and those that need their own cache take other
+paths through the same rows (``PATHS``).
 """
 
 from __future__ import annotations
@@ -16,16 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine.kv_cache import KVCache, kv_bytes_per_token
-from worker.engine.packed_attention import ATTENTION, Segment, StepLayout, UnsupportedModel, use_packed_attention
+from worker.engine.packed_attention import Segment, StepLayout, use_packed_attention
+from worker.engine.recurrent_state import RecurrentState, cache_keyword, has_attention, is_recurrent
 
-#: The self-check's bar: the cosine of the packed step's logits and the model's own,
-#: at every position checked. Measured on tiny random models: 0.99999+ for Llama,
-#: Nemotron and PhiMoE in float32 and bfloat16 alike; 0.23 for MiniMax, whose
-#: linear-attention layers keep a state the packed step does not carry.
-SAME_LOGITS_COSINE = 0.99
-#: The self-check's prompts (prefilled together) and decode steps.
-PROBE_LENGTHS = (14, 34)
-PROBE_STEPS = 8
+#: How a model's batch computes a step (worker/engine/self_check.py picks one per model):
+#: "packed": one forward for every row's tokens; a hybrid's recurrent layers get
+#: their rows' states (worker/engine/recurrent_state.py). "own": each row through the
+#: model's own forward and its own transformers cache, as ``generate`` runs it, for
+#: the families the packed step cannot carry: correct, slower, still many jobs at once.
+PATHS = ("packed", "own")
 
 
 @dataclass(eq=False)
@@ -43,6 +45,8 @@ class Row:
     next_id: int | None = None
     #: Steps in a row that gave this prefilling row no chunk (the scheduler's).
     passed_over: int = 0
+    #: Its transformers cache, on the "own" path (``Batch._own``).
+    own_cache: object = None
 
     @property
     def prompt_left(self) -> int:
@@ -50,19 +54,30 @@ class Row:
 
 
 class Batch:
-    def __init__(self, model, verify: bool = True):
-        """``verify``: check once per model that the packed step answers as the model's
-        own forward does (``verify_packed``)."""
-        use_packed_attention(model)
+    def __init__(self, model, path: str):
+        """``path``: one of PATHS, the one the self-check picked for this model
+        (``worker.engine.self_check.batch_for`` makes a batch so)."""
         self.model = model
+        self.path = path
         self.device = next(model.parameters()).device
-        self.cache = KVCache(kv_bytes_per_token(model))
+        #: A hybrid or state-space model's per-row recurrent state (packed path); else None.
+        self.states = None
+        if path == "packed":
+            recurrent = is_recurrent(model)
+            if has_attention(model):
+                use_packed_attention(model, recurrent)
+            self.states = RecurrentState(model) if recurrent else None
+            self.cache = KVCache(kv_bytes_per_token(model), self.states.bytes_per_row if self.states else 0)
+        else:
+            loaded_with = getattr(model, "_hive_loaded_attention", None)
+            if loaded_with is not None and model.config._attn_implementation != loaded_with:
+                model.set_attn_implementation(loaded_with)  # what generate runs
+            # Nothing is allocated here (each row's own cache holds its tokens): the
+            # reservation only counts, at the sizes the self-check measured.
+            self.cache = KVCache(*getattr(model, "_hive_own_cache_bytes", (kv_bytes_per_token(model), 0)))
         #: ``rows[i].index == i``.
         self.rows: list[Row] = []
         self._joined = 0
-        if verify and not getattr(model, "_hive_verified", False):
-            verify_packed(model)
-            model._hive_verified = True
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,6 +99,12 @@ class Batch:
         """The cache's reservation: ``count`` sequences of up to ``columns`` tokens."""
         used_columns = max((row.length for row in self.rows), default=0)
         self.cache.reserve(count, columns, len(self.rows), used_columns)
+        if self.states is not None:
+            self.states.reserve(count, len(self.rows))
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes + (self.states.allocated_bytes if self.states else 0)
 
     def add(self, owner, prompt_ids: list[int], max_length: int) -> Row:
         """A row for a newcomer (within the reservation); its prompt is prefilled by
@@ -98,6 +119,8 @@ class Batch:
         last = self.rows.pop()
         if last is not row:
             self.cache.move(last.index, row.index, last.length)
+            if self.states is not None:
+                self.states.move(last.index, row.index)
             last.index = row.index
             self.rows[row.index] = last
 
@@ -115,6 +138,10 @@ class Batch:
         tokens of prefilling rows. Returns the rows that have a next-token
         distribution now (the decoding ones, then those whose prompt is complete)
         and their logits [rows, vocab]."""
+        if self.path == "own":
+            return self._forward_own(chunks)
+        if self.states is not None:
+            return self._forward_recurrent(chunks)
         decoding = [row for row in self.rows if row.next_id is not None]
         ids = [row.next_id for row in decoding]
         positions = [row.length for row in decoding]
@@ -144,68 +171,63 @@ class Batch:
             row.length += n
         return ready, out.logits[0]
 
+    def _forward_recurrent(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:
+        """``forward`` for a model with recurrent layers (worker/engine/recurrent_state.py):
+        the decoding rows as one batch of one token each, then each prompt chunk on
+        its own, every forward with its rows' states."""
+        ready, logits = [], []
+        decoding = [row for row in self.rows if row.next_id is not None]
+        if decoding:
+            layout = StepLayout(self.cache, len(self.rows), [r.index for r in decoding], [r.length for r in decoding], [], self.device)
+            logits.append(self._run(layout, decoding, [[r.next_id] for r in decoding], [[r.length] for r in decoding], True)[:, -1])
+            ready.extend(decoding)
+            for row in decoding:
+                row.length += 1
+        for row, n in sorted(chunks.items(), key=lambda item: item[0].joined):
+            layout = StepLayout(self.cache, len(self.rows), [], [], [Segment(row.index, row.length, n, 0)], self.device)
+            ids = [row.prompt_ids[row.length : row.length + n]]
+            out = self._run(layout, [row], ids, [list(range(row.length, row.length + n))], row.length > 0)
+            row.length += n
+            if row.length == len(row.prompt_ids):
+                logits.append(out[:, -1])
+                ready.append(row)
+        return ready, torch.cat(logits) if logits else torch.empty(0, device=self.device)
 
-@torch.inference_mode()
-def verify_packed(model) -> None:
-    """Raises UnsupportedModel unless the packed step gives the model's own logits:
-    two prompts (14 and 34 tokens) prefilled together, then eight decode steps, each position
-    against the model's plain forward (eager attention) over the whole sequence. A
-    refusal beats a wrong answer: an architecture whose layers keep state outside
-    attention (linear attention, state-space, short convolutions) or bypass
-    transformers' attention hook would otherwise answer with other text than
-    ``generate``."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    prompts = [[(3 + 7 * k) % config.vocab_size for k in range(n)] for n in PROBE_LENGTHS]
-    steps = PROBE_STEPS
-    for implementation in ("eager", "sdpa"):  # eager is the plainest; some models' eager path is broken
-        try:
-            own_logits, sequences = own_greedy(model, prompts, steps, implementation)
-            break
-        except Exception as e:  # noqa: BLE001 - tried with the next implementation, or refused below
-            failure = e
-        finally:
-            model.set_attn_implementation(ATTENTION)
-    else:
-        raise UnsupportedModel(f"{type(model).__name__}: its own forward fails in Hive's self-check ({type(failure).__name__}: {failure})") from failure
-    try:
-        worst = _packed_cosine(model, prompts, sequences, own_logits, steps)
-    except Exception as e:  # the packed step itself fails on this architecture: refused, not an error per job
-        raise UnsupportedModel(f"{type(model).__name__}: Hive's batched forward fails on it ({type(e).__name__}: {e})") from e
-    if worst < SAME_LOGITS_COSINE:
-        raise UnsupportedModel(
-            f"{type(model).__name__}: Hive's batched forward does not give the model's own logits (cosine {worst:.2f}); "
-            "its layers keep state outside attention (linear attention, state-space), which Hive does not batch yet"
-        )
+    def _run(self, layout: StepLayout, rows: list[Row], ids: list[list[int]], positions: list[list[int]], continuing: bool) -> torch.Tensor:
+        """One forward over ``rows`` (batch-major) with their recurrent states; the logits
+        of each row's last token [rows, 1, vocab]."""
+        view = self.states.view([row.index for row in rows], continuing, rows[0].length)
+        with layout.active():
+            out = self.model(
+                input_ids=torch.tensor(ids, device=self.device),
+                position_ids=torch.tensor(positions, device=self.device),
+                logits_to_keep=1,
+                use_cache=True,
+                **{cache_keyword(self.model): view},
+            )
+        self.states.keep(view)
+        return out.logits
 
+    def _forward_own(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:
+        """``forward`` on the "own" path: each decoding row's token, then each prompt
+        chunk, through the model's own forward and the row's own cache."""
+        ready, logits = [], []
+        for row in [row for row in self.rows if row.next_id is not None]:
+            logits.append(self._own(row, [row.next_id]))
+            ready.append(row)
+        for row in sorted(chunks, key=lambda row: row.joined):
+            # The whole prompt at once, whatever chunk the scheduler planned: as in
+            # generate, since a family on this path may not continue a prompt from its
+            # cache as its full forward would (MiniMax's linear attention does not).
+            logits.append(self._own(row, row.prompt_ids[row.length :]))
+            ready.append(row)
+        return ready, torch.cat(logits) if logits else torch.empty(0, device=self.device)
 
-def _packed_cosine(model, prompts, sequences, own_logits, steps) -> float:
-    """The lowest cosine of the packed step's logits and the model's own, feeding both
-    the same (the model's own greedy) tokens."""
-    batch = Batch(model, verify=False)
-    batch.reserve(len(prompts), max(PROBE_LENGTHS) + PROBE_STEPS)
-    chunks = {batch.add(k, prompt, len(prompt) + steps): len(prompt) for k, prompt in enumerate(prompts)}
-    worst = 1.0
-    for step in range(steps):
-        ready, logits = batch.forward(chunks)
-        chunks = {}
-        for row, packed in zip(ready, logits):
-            own = own_logits[row.owner][step]
-            worst = min(worst, float(torch.nn.functional.cosine_similarity(packed.float(), own, dim=0)))
-            batch.feed(row, sequences[row.owner][len(prompts[row.owner]) + step])
-    return worst
-
-
-def own_greedy(model, prompts, steps, implementation: str) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
-    """The reference: the model's own logits at each position (its plain forward over the
-    whole sequence, with ``implementation``), greedy, and the sequences it makes."""
-    model.set_attn_implementation(implementation)
-    device = next(model.parameters()).device
-    own_logits, sequences = [], []
-    for prompt in prompts:
-        sequence, logits = list(prompt), []
-        for _ in range(steps):
-            logits.append(model(input_ids=torch.tensor([sequence], device=device), use_cache=False).logits[0, -1].float())
-            sequence.append(int(logits[-1].argmax()))
-        own_logits.append(logits)
-        sequences.append(sequence)
-    return own_logits, sequences
+    def _own(self, row: Row, ids: list[int]) -> torch.Tensor:
+        """``ids`` through the model with ``row``'s own cache (the model makes it at the
+        first call, of its own class, as in ``generate``); the last token's logits [1, vocab]."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1,
+                         **{cache_keyword(self.model): row.own_cache})
+        row.own_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        row.length += len(ids)
+        return out.logits[:, -1]

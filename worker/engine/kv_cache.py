@@ -15,11 +15,17 @@ wide as the longest ``prompt + max_tokens`` among them), so a decode step never
 grows them and the scheduler's memory budget counts exactly what is allocated.
 They are reallocated (one copy of what is used) only when a job needs more rows
 or columns than reserved, or when the batch has shrunk to under half of it.
+
+A hybrid model's rows hold a recurrent state beside their keys and values
+(worker/engine/recurrent_state.py): the reservation counts it per row
+(``bytes_per_row``), so the memory budget holds for hybrids too.
 """
 
 from __future__ import annotations
 
 import torch
+
+from worker.engine.recurrent_state import ATTENTION_FREE_TYPES, layer_types, text_config
 
 #: Columns are reserved in multiples of this, so jobs of similar lengths share one
 #: reservation instead of reallocating the buffers for a few more columns.
@@ -34,13 +40,15 @@ def kv_bytes_per_token(model) -> int:
     """Keys and values of one token in every layer, from the model's config and dtype:
     layer by layer where the config differs per layer (Gemma 4's head dims), where
     reading ``config.head_dim`` raises."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     if getattr(config, "is_heterogeneous", False):
         layers = list(config.per_layer_config)
     else:
         layers = [config] * config.num_hidden_layers
+    # A hybrid's linear-attention and state-space layers keep no keys and values.
+    kinds = layer_types(model) or ["full_attention"] * len(layers)
     itemsize = next(model.parameters()).element_size()
-    return 2 * itemsize * sum(_kv_width(layer) for layer in layers)
+    return 2 * itemsize * sum(_kv_width(layer) for layer, kind in zip(layers, kinds) if kind not in ATTENTION_FREE_TYPES)
 
 
 def _kv_width(config) -> int:
@@ -52,8 +60,11 @@ def _kv_width(config) -> int:
 
 
 class KVCache:
-    def __init__(self, bytes_per_token: int):
+    def __init__(self, bytes_per_token: int, bytes_per_row: int = 0):
+        """``bytes_per_row``: what each row holds besides its tokens' keys and values (a
+        hybrid's recurrent state, kept beside this cache)."""
         self.bytes_per_token = bytes_per_token
+        self.bytes_per_row = bytes_per_row
         #: Per layer (by the attention module's ``layer_idx``): keys and values
         #: buffers, allocated at the layer's first write, or None.
         self.keys: list[torch.Tensor | None] = []
@@ -65,7 +76,7 @@ class KVCache:
         """Bytes of a reservation of ``rows`` × ``columns`` (by default the current one)."""
         rows = self.rows if rows is None else rows
         columns = self.columns if columns is None else columns
-        return rows * columns * self.bytes_per_token
+        return rows * (columns * self.bytes_per_token + self.bytes_per_row)
 
     @property
     def allocated_bytes(self) -> int:

@@ -43,12 +43,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from worker.engine.kv_cache import KVCache
+from worker.engine.unsupported import UnsupportedModel
 
 ATTENTION = "hive_packed"
-
-
-class UnsupportedModel(Exception):
-    code = "UNSUPPORTED_MODEL"
 
 
 #: The layout of the packed step whose forward runs on this thread (each engine runs
@@ -216,16 +213,26 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     layout = CURRENT_LAYOUT.get()
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] > 1:
+        # A recurrent model's decode (worker/engine/batch.py): one token a row, batch-major
+        # [rows, heads, 1, dim]; as packed tokens, those are the step's decoding rows.
+        packed = (t.transpose(0, 2) for t in (query, key, value))
+        return layout.attend(module.layer_idx, *packed, scaling, kwargs).transpose(0, 1), None
     return layout.attend(module.layer_idx, query, key, value, scaling, kwargs), None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
 
 
-def use_packed_attention(model) -> None:
+def use_packed_attention(model, recurrent: bool = False) -> None:
     """Switches ``model`` to packed attention; a model whose attention layers do not
-    go through transformers' AttentionInterface cannot batch this way."""
-    if not getattr(model, "_supports_attention_backend", False):
+    go through transformers' AttentionInterface cannot batch this way.
+
+    ``recurrent``: a hybrid (worker/engine/recurrent_state.py). Those do not claim
+    ``_supports_attention_backend``, since transformers' own continuous batching
+    cannot carry their state, yet their attention layers do go through the
+    interface; the self-check (worker/engine/self_check.py) holds them to their own logits."""
+    if not (recurrent or getattr(model, "_supports_attention_backend", False)):
         raise UnsupportedModel(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "which Hive's batching engine needs"

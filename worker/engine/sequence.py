@@ -132,10 +132,10 @@ def generate_alone(model, tokenizer, prompt_ids: list[int], params: SamplingPara
     """One sequence on its own, through the engine's batch as a batch of one,
     without Redis: the in-process side of the benchmarks, and what a test compares
     a batched job against."""
-    from worker.engine.batch import Batch
+    from worker.engine.self_check import batch_for
 
     sequence = Sequence(model, tokenizer, prompt_ids, params, eos_ids(model, tokenizer))
-    batch = Batch(model)
+    batch = batch_for(model)
     batch.reserve(1, sequence.max_length)
     row = batch.add(sequence, prompt_ids, sequence.max_length)
     _, logits = batch.forward({row: len(prompt_ids)})

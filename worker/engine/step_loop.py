@@ -26,9 +26,10 @@ import torch
 
 from shared.connections import REDIS_DOWN
 from shared.events import Token
-from worker.engine.batch import Batch, Row
+from worker.engine.batch import Row
 from worker.engine.running_job import Outcome, RunningJob
 from worker.engine.scheduler import Scheduler
+from worker.engine.self_check import batch_for
 from worker.engine.step_writer import StepWriter
 
 log = logging.getLogger("worker.engine")
@@ -73,7 +74,7 @@ class Engine:
         added."""
         self.name = name
         self._arriving = arriving
-        self.batch = Batch(model)
+        self.batch = batch_for(model)
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget)
         self._writer = StepWriter(writer_connection)
         self._metrics = metrics
