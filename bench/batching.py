@@ -15,6 +15,7 @@ servers are driven through their OpenAI `/v1/completions` with `stream: true`.
 
     python -m bench.batching                       # the whole run (~15 min here)
     python -m bench.batching --n 1,16 --runs 1 --no-poisson --no-write
+    python -m bench.batching --model hybrid        # a hybrid (bench/hybrid_batching.py)
 """
 
 from __future__ import annotations
@@ -271,13 +272,21 @@ def poisson_table(rows: list[tuple[str, float, float, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", default="1,4,8,16,32")
+    parser.add_argument("--model", choices=("llama", "hybrid"), default="llama",
+                        help="hybrid: a Qwen 3.5-shaped hybrid against its own --max-batch 1 (bench/hybrid_batching.py)")
+    parser.add_argument("--n", default=None, help="waves' sizes (default 1,4,8,16,32; 1,4,8,16 for the hybrid)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--poisson-seconds", type=float, default=30.0)
     parser.add_argument("--no-poisson", action="store_true")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve (no ratios)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    if args.model == "hybrid":
+        from bench.hybrid_batching import main as hybrid
+
+        args.n = args.n or "1,4,8,16"
+        return hybrid(args)
+    args.n = args.n or "1,4,8,16,32"
     ns = [int(n) for n in args.n.split(",")]
     from transformers import AutoTokenizer
 

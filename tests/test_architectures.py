@@ -165,7 +165,8 @@ def test_a_batch_that_joins_leaves_and_prefills_in_chunks_answers_as_each_alone(
     out: dict[int, list[int]] = {k: [] for k in range(len(prompts))}
     rows = {0: batch.add(0, prompts[0], 64), 1: batch.add(1, prompts[1], 64)}
     # step: the chunks it prefills, who joins before it, who leaves after it
-    plan = {0: {0: 14, 1: 5}, 1: {1: 7}, 2: {1: 22}, 4: {2: 3}, 5: {3: 8}, 6: {3: 13}}
+    # (step 0: two prompts start with chunks of one length, one forward for both on a hybrid)
+    plan = {0: {0: 14, 1: 14}, 1: {1: 7}, 2: {1: 13}, 4: {2: 3}, 5: {3: 8}, 6: {3: 13}}
     joins, leaves = {4: 2, 5: 3}, {3: 0}  # row 0 leaves after 4 tokens, before it ends
     for step in range(24):
         if step in joins:

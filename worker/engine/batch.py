@@ -173,8 +173,8 @@ class Batch:
 
     def _forward_recurrent(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:
         """``forward`` for a model with recurrent layers (worker/engine/recurrent_state.py):
-        the decoding rows as one batch of one token each, then each prompt chunk on
-        its own, every forward with its rows' states."""
+        the decoding rows as one batch of one token each, then the prompt chunks
+        (one batch per length), every forward with its rows' states."""
         ready, logits = [], []
         decoding = [row for row in self.rows if row.next_id is not None]
         if decoding:
@@ -183,14 +183,21 @@ class Batch:
             ready.extend(decoding)
             for row in decoding:
                 row.length += 1
+        # Chunks of one length that all start their prompts (or all continue them) run
+        # as one batch: a burst of equal prompts costs one forward, not one each.
+        groups: dict[tuple[int, bool], list[Row]] = {}
         for row, n in sorted(chunks.items(), key=lambda item: item[0].joined):
-            layout = StepLayout(self.cache, len(self.rows), [], [], [Segment(row.index, row.length, n, 0)], self.device)
-            ids = [row.prompt_ids[row.length : row.length + n]]
-            out = self._run(layout, [row], ids, [list(range(row.length, row.length + n))], row.length > 0)
-            row.length += n
-            if row.length == len(row.prompt_ids):
-                logits.append(out[:, -1])
-                ready.append(row)
+            groups.setdefault((n, row.length > 0), []).append(row)
+        for (n, continuing), rows in groups.items():
+            segments = [Segment(row.index, row.length, n, k * n) for k, row in enumerate(rows)]
+            layout = StepLayout(self.cache, len(self.rows), [], [], segments, self.device)
+            ids = [row.prompt_ids[row.length : row.length + n] for row in rows]
+            out = self._run(layout, rows, ids, [list(range(row.length, row.length + n)) for row in rows], continuing)
+            for row, row_logits in zip(rows, out):
+                row.length += n
+                if row.length == len(row.prompt_ids):
+                    logits.append(row_logits[-1:])
+                    ready.append(row)
         return ready, torch.cat(logits) if logits else torch.empty(0, device=self.device)
 
     def _run(self, layout: StepLayout, rows: list[Row], ids: list[list[int]], positions: list[list[int]], continuing: bool) -> torch.Tensor:

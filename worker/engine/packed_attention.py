@@ -214,10 +214,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] > 1:
-        # A recurrent model's decode (worker/engine/batch.py): one token a row, batch-major
-        # [rows, heads, 1, dim]; as packed tokens, those are the step's decoding rows.
-        packed = (t.transpose(0, 2) for t in (query, key, value))
-        return layout.attend(module.layer_idx, *packed, scaling, kwargs).transpose(0, 1), None
+        # A recurrent model's forward (worker/engine/batch.py): rows of equal length,
+        # batch-major [rows, heads, length, dim]; packed one row after the other, they
+        # are the layout's decoding rows (length 1) or its segments.
+        rows, length = query.shape[0], query.shape[2]
+        packed = (t.transpose(0, 1).reshape(1, t.shape[1], rows * length, t.shape[3]) for t in (query, key, value))
+        out = layout.attend(module.layer_idx, *packed, scaling, kwargs)
+        return out.reshape(rows, length, *out.shape[2:]), None
     return layout.attend(module.layer_idx, query, key, value, scaling, kwargs), None
 
 

@@ -181,7 +181,7 @@ class Engine:
         self._changed()
 
     def _changed(self) -> None:
-        self._metrics.batch_changed(self.name, self.running, self.batch.cache.allocated_bytes)
+        self._metrics.batch_changed(self.name, self.running, self.batch.allocated_bytes)
 
     def _leave(self, leaving: list[tuple[Row, str]]) -> None:
         """Slots leave the batch, and their jobs' threads take over with ``why``."""
