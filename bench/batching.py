@@ -208,10 +208,11 @@ def run_system(name, url, model, ns, runs, tokenizer, pid, out: dict, metrics_ur
     out["peak_rss_mb"] = peak_rss_mb(pid)
 
 
-def start_peer(folder: Path, logs: Path) -> tuple[processes.Proc, str]:
+def start_peer(folder: Path, logs: Path, continuous: bool = True) -> tuple[processes.Proc, str]:
+    """``transformers serve`` on ``folder``; ``continuous``: with --continuous-batching."""
     port = processes.free_port()
     command = [
-        str(peer_python().parent / "transformers"), "serve", str(folder), "--continuous-batching",
+        str(peer_python().parent / "transformers"), "serve", str(folder), *(["--continuous-batching"] if continuous else []),
         # Its serve takes "sdpa" and pages it for continuous batching itself (it
         # refuses both "sdpa_paged" and "paged|sdpa").
         "--attn-implementation", "sdpa", "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
