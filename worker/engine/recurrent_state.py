@@ -68,7 +68,9 @@ def cache_keyword(model) -> str:
     """The forward's name for its cache: ``cache`` in current transformers, still
     ``past_key_values`` in families not yet renamed (a cache passed under the other
     name would be silently ignored, every forward starting from an empty state)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if getattr(model, "_hive_cache_keyword", None) is None:  # once: a signature costs more than a decode step's bookkeeping
+        model._hive_cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model._hive_cache_keyword
 
 
 def _passthrough(key_states, value_states, *args, **kwargs):
