@@ -48,15 +48,19 @@ def kv_bytes_per_token(model) -> int:
     # A hybrid's linear-attention and state-space layers keep no keys and values.
     kinds = layer_types(model) or ["full_attention"] * len(layers)
     itemsize = next(model.parameters()).element_size()
-    return 2 * itemsize * sum(_kv_width(layer) for layer, kind in zip(layers, kinds) if kind not in ATTENTION_FREE_TYPES)
+    return itemsize * sum(_kv_width(layer) for layer, kind in zip(layers, kinds) if kind not in ATTENTION_FREE_TYPES)
 
 
 def _kv_width(config) -> int:
-    """One layer's key (or value) width per token: KV heads × head dim."""
+    """One layer's key and value widths per token: KV heads × (key dim + value dim).
+    Multi-head latent attention (DeepSeek V3, GLM-4 MoE Lite) keeps keys of
+    ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim`` per head."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads * head_dim
+    key_dim = getattr(config, "qk_head_dim", None) or head_dim
+    value_dim = getattr(config, "v_head_dim", None) or head_dim
+    return kv_heads * (key_dim + value_dim)
 
 
 class KVCache:
@@ -103,18 +107,17 @@ class KVCache:
                 new[:used_rows, :, :used_columns] = old[:used_rows, :, :used_columns]
                 buffers[i] = new
 
-    def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s keys and values buffers, allocated on first use after
-        ``like`` (the layer's new keys: [1, kv heads, tokens, head dim])."""
+    def layer(self, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values buffers, allocated on first use after the
+        layer's new keys and values ([1, kv heads, tokens, dim]; MLA's differ in dim)."""
         while len(self.keys) <= index:
             self.keys.append(None)
             self.values.append(None)
         if self.keys[index] is None:
-            shape = (self.rows, like.shape[1], self.columns, like.shape[3])
             # Zeros, not garbage: a masked column still meets a zero probability in
             # attention's sums, and 0 × NaN would be NaN.
-            self.keys[index] = like.new_zeros(shape)
-            self.values[index] = like.new_zeros(shape)
+            self.keys[index] = key.new_zeros((self.rows, key.shape[1], self.columns, key.shape[3]))
+            self.values[index] = value.new_zeros((self.rows, value.shape[1], self.columns, value.shape[3]))
         return self.keys[index], self.values[index]
 
     @torch.inference_mode()

@@ -139,7 +139,7 @@ class StepLayout:
                options: dict) -> torch.Tensor:
         """query [1, heads, tokens, dim], key and value [1, kv heads, tokens, dim] of the
         packed tokens; returns attention's output [1, tokens, heads, dim]."""
-        keys, values = self.cache.layer(layer, key)
+        keys, values = self.cache.layer(layer, key, value)
         decode_mask, fresh_mask, segment_masks = self.masks(options.get("sliding_window"))
         outputs = []
         n = self.decoding
