@@ -79,6 +79,16 @@ def _passthrough(key_states, value_states, *args, **kwargs):
     return key_states, value_states
 
 
+def _fresh_cache(config) -> DynamicCache:
+    """transformers' cache for the model's layer types, its attention parts (attention
+    layers, and hybrid layers' attention beside their state) storing nothing."""
+    cache = DynamicCache(config=config)
+    for layer in cache.layers:
+        if hasattr(layer, "update"):  # a pure linear-attention layer has none
+            layer.update = _passthrough
+    return cache
+
+
 class RecurrentState:
     def __init__(self, model):
         self.config = model.config
@@ -116,16 +126,12 @@ class RecurrentState:
         """A cache for a forward over ``rows`` (in that order): their states where
         ``continuing`` (they have run before), fresh ones otherwise. ``length``: the
         tokens already in the first row (what the model reads as the cache's length)."""
-        cache = DynamicCache(config=self.config)
+        cache = _fresh_cache(self.config)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self._device())
         for number, layer in enumerate(cache.layers):
             if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                if hasattr(layer, "update"):
-                    layer.update = _passthrough
                 continue
-            if hasattr(layer, "keys"):  # a hybrid layer: attention beside the recurrent state
-                layer.update = _passthrough
             layer.cumulative_length_linear = torch.tensor(length, dtype=torch.long)
             if not continuing:
                 continue
@@ -178,10 +184,7 @@ def state_bytes_per_row(model) -> int:
     shapes its states its own way (conv windows, SSM heads, gated delta matrices)."""
     if getattr(model, "_hive_state_bytes", None) is None:
         device = next(model.parameters()).device
-        cache = DynamicCache(config=model.config)
-        for layer in cache.layers:
-            if not isinstance(layer, LinearAttentionCacheLayerMixin) and hasattr(layer, "update"):
-                layer.update = _passthrough
+        cache = _fresh_cache(model.config)
         # Outside a step, the packed attention is plain sdpa over this one token.
         try:
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True, **{cache_keyword(model): cache})
