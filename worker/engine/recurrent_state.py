@@ -92,7 +92,7 @@ def _fresh_cache(config) -> DynamicCache:
 class RecurrentState:
     def __init__(self, model):
         self.config = model.config
-        self.model = model
+        self.device = next(model.parameters()).device
         #: (layer, "conv" | "recurrent", state index) -> [reserved rows, …], allocated at
         #: the first write of that state (its shape comes from the layer's own code).
         self.pools: dict[tuple[int, str, int], torch.Tensor] = {}
@@ -128,29 +128,24 @@ class RecurrentState:
         tokens already in the first row (what the model reads as the cache's length)."""
         cache = _fresh_cache(self.config)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self._device())
-        for number, layer in enumerate(cache.layers):
-            if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                continue
-            layer.cumulative_length_linear = torch.tensor(length, dtype=torch.long)
-            if not continuing:
-                continue
-            for (at, kind, state), pool in self.pools.items():
-                if at != number:
-                    continue
-                # A contiguous run of rows is a view: the layers' in-place updates land
-                # in the pool itself; otherwise a copy, written back by ``keep``.
-                states = pool[rows[0] : rows[0] + len(rows)] if contiguous else pool.index_select(0, index)
-                layer.device, layer.dtype = pool.device, pool.dtype
-                layer.cumulative_length_linear = layer.cumulative_length_linear.to(pool.device)
-                if kind == "conv":
-                    layer.conv_states[state] = states
-                    layer.conv_kernel_size[state] = states.shape[-1]
-                    layer.is_conv_states_initialized[state] = True
-                else:
-                    layer.recurrent_states[state] = states
-                    layer.is_recurrent_states_initialized[state] = True
-                layer.has_previous_state[state] = True
+        index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self.device)
+        for layer in cache.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.cumulative_length_linear = torch.tensor(length, dtype=torch.long, device=self.device)
+        for (number, kind, state), pool in self.pools.items() if continuing else ():
+            layer = cache.layers[number]
+            # A contiguous run of rows is a view: the layers' in-place updates land
+            # in the pool itself; otherwise a copy, written back by ``keep``.
+            states = pool[rows[0] : rows[0] + len(rows)] if contiguous else pool.index_select(0, index)
+            layer.device, layer.dtype = pool.device, pool.dtype
+            if kind == "conv":
+                layer.conv_states[state] = states
+                layer.conv_kernel_size[state] = states.shape[-1]
+                layer.is_conv_states_initialized[state] = True
+            else:
+                layer.recurrent_states[state] = states
+                layer.is_recurrent_states_initialized[state] = True
+            layer.has_previous_state[state] = True
         cache._hive_rows = (rows, contiguous)
         return cache
 
@@ -158,7 +153,7 @@ class RecurrentState:
     def keep(self, cache: DynamicCache) -> None:
         """The states the forward left in ``cache`` back into their rows' slots."""
         rows, contiguous = cache._hive_rows
-        index = torch.tensor(rows, dtype=torch.long, device=self._device())
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         for number, layer in enumerate(cache.layers):
             if not isinstance(layer, LinearAttentionCacheLayerMixin):
                 continue
@@ -172,9 +167,6 @@ class RecurrentState:
                     if contiguous and tensor.data_ptr() == pool[rows[0]].data_ptr():
                         continue  # updated in place
                     pool.index_copy_(0, index, tensor)
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
 
 @torch.inference_mode()
