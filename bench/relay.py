@@ -66,8 +66,8 @@ def rate(times: list[float]) -> float:
 
 def in_process_run(model, tokenizer, max_tokens: int) -> Run:
     from shared.spec import InferenceRequest
+    from worker.engine.prepare import encode_prompt
     from worker.engine.sequence import SamplingParams, generate_alone
-    from worker.runtime import encode_prompt
 
     request = InferenceRequest(model="bench/x", prompt=PROMPT, max_tokens=max_tokens, temperature=0)
     start = time.perf_counter()

@@ -25,6 +25,8 @@ from hive.api.webhook_secret import routes as webhook_routes
 from hive.jobs.quotas import Quotas
 from hive.jobs.reaper import Reaper
 from hive.jobs.service import JobService
+from hive.openai.embeddings import routes as embedding_routes
+from hive.openai.responses import routes as responses_routes
 from hive.openai.routes import routes as openai_routes
 from hive.streams.relay import EventRelay
 from hive.streams.sse import StallWatchdog
@@ -101,7 +103,7 @@ def create_app(settings: Settings, hub_root: Path | None = None) -> Starlette:
                 await hub.aclose()
 
     return Starlette(
-        routes=[*routes, *webhook_routes, *openai_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
+        routes=[*routes, *webhook_routes, *openai_routes, *responses_routes, *embedding_routes, *admin_routes, *metrics_routes, *console_routes, *hub_routes],
         middleware=[Middleware(HeaderLimit)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

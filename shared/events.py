@@ -80,9 +80,35 @@ class Retry(Event):
 
 @dataclass(frozen=True)
 class Token(Event):
+    """The text token ``i`` made final (possibly "", held back for a stop sequence
+    or a character's later bytes). ``logprobs``, when the job asked for them:
+    OpenAI's item for the token, ``{token, logprob, bytes, top_logprobs}``."""
+
     type = "token"
     t: str
     i: int
+    logprobs: dict | None = None
+
+    def to_json(self) -> str:
+        # Left out when None: most jobs never ask, and this runs per token.
+        fields = {"event": self.type, "t": self.t, "i": self.i}
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ToolCallDelta(Event):
+    """Part of the answer's tool call number ``index``: its first part carries the
+    call's ``id`` and function ``name`` (``arguments`` may be ""); the ones after
+    carry only more of ``arguments``. Joined, the fragments are exactly the final
+    arguments JSON, as the model wrote it under the grammar."""
+
+    type = "tool_call"
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,7 @@ class End(Event):
     tokens_out: int
     decode_time_ms: float
     ttft_ms: float
-    stop_reason: str  # max_tokens | eos | stop_sequence
+    stop_reason: str  # max_tokens | eos | stop_sequence | tool_calls | cancelled
 
 
 @dataclass(frozen=True)
@@ -137,7 +163,7 @@ TOKENS = "tokens"
 
 # Compacts a finished job's replay log: each run of consecutive token entries (ids and
 # token numbers both without a hole) becomes one TOKENS entry; other entries stay as
-# they are, ids included. A token entry costs Redis ~69 bytes, most of it per-entry
+# they are, ids included (a token with its logprobs too: a run holds text only). A token entry costs Redis ~69 bytes, most of it per-entry
 # overhead, and a finished job's log lives as long as its record (the job TTL): one
 # entry per run is about 10× less, and ``log_events`` gives a late follower the same
 # ids and JSON, so no reader can tell. Atomic (one script), so a follower reading the
@@ -155,8 +181,8 @@ for _, entry in ipairs(entries) do
   local id, fields = entry[1], entry[2]
   local kind, data = fields[2], fields[4]
   local seq = tonumber(string.match(id, '^(%d+)'))
-  if kind == 'token' then
-    local token = cjson.decode(data)
+  local token = kind == 'token' and cjson.decode(data) or nil
+  if token and token.logprobs == nil then
     if run and seq == run.seq + 1 and token.i == run.i + #run.t then
       run.t[#run.t + 1] = token.t
       run.id, run.seq = id, seq

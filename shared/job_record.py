@@ -14,8 +14,9 @@ from .spec import JobState
 #: enqueues it without importing the worker package (torch).
 RUN_INFERENCE = "worker.tasks.run_inference"
 RUN_PULL = "worker.tasks.run_pull"
+RUN_EMBEDDING = "worker.tasks.run_embedding"
 #: Job kinds (the record's KIND) and the worker function that runs each.
-TASKS = {"inference": RUN_INFERENCE, "pull": RUN_PULL}
+TASKS = {"inference": RUN_INFERENCE, "pull": RUN_PULL, "embedding": RUN_EMBEDDING}
 
 #: A job whose worker is lost before its first token runs once more, on another worker.
 MAX_ATTEMPTS = 2
@@ -35,7 +36,7 @@ TTFT_MS = "ttft_ms"
 DECODE_TIME_MS = "decode_time_ms"
 TOKENS_OUT = "tokens_out"
 STOP_REASON = "stop_reason"
-KIND = "kind"  # inference or pull
+KIND = "kind"  # inference, pull or embedding
 OWNER = "owner"  # a digest of the API key that created the job, never the key
 ATTEMPT = "attempt"  # 1, then 2 when retried after a lost worker
 RQ_ID = "rq_id"  # the RQ job carrying the current attempt
@@ -43,7 +44,11 @@ QUEUE = "queue"  # the cluster's queue (a retry goes back to it; depth limits co
 RQ_QUEUE = "rq_queue"  # the RQ queue holding the current attempt: QUEUE, or a warm worker's own
 POSITION = "position"  # the last queue position its stream was told
 OUTPUT = "output"
+#: The answer's tool calls, as OpenAI's JSON list ``[{id, type, function: {name, arguments}}]``.
+TOOL_CALLS = "tool_calls"
 PROMPT_TOKENS = "prompt_tokens"
+#: An embedding job's vector size; the vectors are under keys.job_embeddings (shorter-lived).
+EMBEDDING_DIM = "embedding_dim"
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
 # The terminal webhook delivery, as the status shows it (hive/webhooks/delivery.py writes them).
@@ -93,6 +98,8 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
     }
     if state == JobState.completed.value or OUTPUT in record:
         view["output"] = record.get(OUTPUT, "")  # partial when cancelled mid-generation
+    if record.get(TOOL_CALLS):
+        view["tool_calls"] = json.loads(record[TOOL_CALLS])
     if record.get(ERROR_CODE):
         view["error"] = {"code": record.get(ERROR_CODE), "message": record.get(ERROR_MESSAGE)}
     if spec.get("webhook"):

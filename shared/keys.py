@@ -211,3 +211,17 @@ def webhook_delivery(job_id: str, event: str) -> str:
 #: A claimed delivery comes due again after this long if its hive died mid-attempt.
 WEBHOOK_CLAIM_S = 60.0
 WEBHOOK_OUTPUT_EVERY_S = 0.5
+
+
+# Embeddings (hive/openai/embeddings.py answers them, worker/model/embedder.py computes them).
+
+
+def job_embeddings(job_id: str) -> str:
+    """String: an embedding job's vectors, base64 of little-endian float32, row after
+    row (``job_record.EMBEDDING_DIM`` each), written just before the job's end
+    (TTL: EMBEDDINGS_TTL_S). Apart from the record, so that up to MB of vectors
+    live minutes, for the answer and a retry with its Idempotency-Key, not the job TTL."""
+    return f"{PREFIX}:job:{job_id}:embeddings"
+
+
+EMBEDDINGS_TTL_S = 15 * 60

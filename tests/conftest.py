@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests import processes
-from tests.tiny_models import build_model
+from tests.tiny_models import TOOL_CHAT_TEMPLATE, build_model
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "hive" / "demo_models" / "hive-demo" / "tiny-llama"
 
@@ -58,6 +58,9 @@ def model_root(tmp_path_factory) -> Path:
     big = build_model(root / "acme" / "big", hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4, shards=2)
     for name in ("big-cancel", "big-retry", "big-shared", "big-takeover"):
         shutil.copytree(big, root / "acme" / name)
+    # Random weights with Qwen 2.5's tool template: what the answer's calls and JSON
+    # look like comes from the grammar alone.
+    build_model(root / "acme" / "tiny-tools", chat_template=TOOL_CHAT_TEMPLATE, seed=1)
     build_model(root / "acme" / "deep", hidden_size=32, intermediate_size=64, num_layers=200, num_heads=2, num_kv_heads=1, shards=1)
     # The built-in demo model: trained, so greedy argmax margins are clear (batching tests).
     shutil.copytree(DEMO_MODEL_DIR, root / "hive-demo" / "tiny-llama")

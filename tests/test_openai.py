@@ -161,10 +161,11 @@ def test_models_list(client):
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"temperature": 9.0}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"model": "not a repo id"}, "model"),
     ],
 )

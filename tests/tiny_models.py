@@ -23,6 +23,34 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+#: Qwen 2.5's tool-calling template, shortened: tools listed in the system turn,
+#: calls written as <tool_call>{"name": …, "arguments": …}</tool_call>, and the
+#: tools' answers sent back in <tool_response> blocks.
+TOOL_CHAT_TEMPLATE = """{%- if tools %}<|system|>{{ messages[0]['content'] if messages[0]['role'] == 'system' else 'You are helpful.' }}
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.
+{% elif messages[0]['role'] == 'system' %}<|system|>{{ messages[0]['content'] }}
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}<|{{ m.role }}|>{{ m.content }}
+{% elif m.role == 'assistant' %}<|assistant|>{{ m.content }}
+{%- for call in m.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}
+{% elif m.role == 'tool' %}<|tool|><tool_response>
+{{ m.content }}
+</tool_response>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|assistant|>{% endif %}"""
+
 
 def build_tokenizer(vocab_size: int = 384):
     """A byte-level BPE tokenizer: any text encodes, and characters outside the
@@ -60,6 +88,7 @@ def build_model(
     seed: int = 0,
     tie_word_embeddings: bool = True,
     train_steps: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a Llama checkpoint (config, tokenizer, sharded safetensors): random
     weights, or with ``train_steps`` a few seconds of training on CORPUS so that
@@ -70,6 +99,7 @@ def build_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template
     config = LlamaConfig(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,

@@ -11,6 +11,7 @@ follows each job.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -28,16 +29,18 @@ from shared.clock import RedisClock
 from shared.connections import REDIS_DOWN, wait_for_writes
 from shared.events import End, Error, Loading, Ready, Started
 from shared.settings import Settings
-from shared.spec import InferenceRequest, JobState, PullRequest
+from shared.spec import EmbeddingRequest, InferenceRequest, JobState, PullRequest
 from worker.cluster.cancel import CancelListener
 from worker.cluster.lease import LeaseRenewal
 from worker.cluster.liveness import Liveness
 from worker.cluster.presence import Presence
+from worker.engine.prepare import prepare_sequence
 from worker.engine.running_job import JobAbandoned, JobCancelled, RunningJob, RunningJobs
-from worker.engine.sequence import SamplingParams, Sequence, eos_ids
 from worker.engine.step_loop import Engine
+from worker.engine.unsupported import UnsupportedModel
 from worker.metrics import MeasuredReporter, WorkerMetrics
 from worker.model.download import fetch_model
+from worker.model.embedder import embed
 from worker.model.loaded_models import LoadedModel, LoadedModels, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -49,35 +52,12 @@ CLOCK_WAIT_S = 10.0
 WAIT_POLL_S = 0.2
 
 
-class InvalidRequest(Exception):
-    code = "INVALID_REQUEST"
-
-
 def default_max_batch(device: torch.device) -> int:
     """Sequences per batch when --max-batch is not given. A decode step is bound by
     reading the weights, so more sequences cost little more per step: on this
     project's CPU a step of 32 costs 2.1× a step of 1 for 16× the tokens
     (bench/batching.py); a GPU has far more room (unmeasured here)."""
     return 64 if device.type == "cuda" else 32
-
-
-def encode_prompt(tokenizer, request: InferenceRequest) -> list[int]:
-    if request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest(f"{request.model} has no chat template: send 'prompt' instead of 'messages'")
-        messages = [m.model_dump() for m in request.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja's TemplateError, raise_exception() in templates
-            raise InvalidRequest(f"{request.model}'s chat template rejected these messages: {e}") from e
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(request.prompt)["input_ids"]
-    if not ids:
-        if tokenizer.bos_token_id is None:
-            raise InvalidRequest("the prompt encodes to no tokens")
-        ids = [tokenizer.bos_token_id]
-    return list(ids)
 
 
 def error_code(exc: BaseException) -> str:
@@ -166,9 +146,9 @@ class WorkerRuntime:
                 self._engines[loaded.key] = engine
             return engine
 
-    def run_job(self, job_id: str, spec: dict, pull: bool = False) -> None:
-        """Runs an inference job, or with ``pull`` a pull job (download only), on the
-        calling RQ slot thread, until it ends."""
+    def run_job(self, job_id: str, spec: dict, kind: str = "inference") -> None:
+        """Runs a job of ``kind`` (shared/job_record.py's TASKS: inference, pull, the
+        download only, or embedding) on the calling RQ slot thread, until it ends."""
         job = RunningJob(job_id, str(spec.get("model", "")))
         self.running.add(job)
         try:
@@ -187,7 +167,7 @@ class WorkerRuntime:
             )
             if job.reporter.cancelled_before_start:
                 job.cancelled.set()
-            self._run_to_end(job, spec, pull)
+            self._run_to_end(job, spec, kind)
         except REDIS_DOWN as e:
             self._after_outage(job, e)
         finally:
@@ -198,12 +178,14 @@ class WorkerRuntime:
                 log.warning("could not list this worker as idle: %s", e)
             self.models.unload_expired()  # keep_alive 0, now that the job's end is out
 
-    def _run_to_end(self, job: RunningJob, spec: dict, pull: bool) -> None:
+    def _run_to_end(self, job: RunningJob, spec: dict, kind: str) -> None:
         reporter = job.reporter
         try:
             job.check()
-            if pull:
+            if kind == "pull":
                 self._pull(job, PullRequest.model_validate(spec))
+            elif kind == "embedding":
+                self._embed(job, EmbeddingRequest.model_validate(spec))
             else:
                 self._run(job, InferenceRequest.model_validate(spec))
         except JobAbandoned:
@@ -264,7 +246,7 @@ class WorkerRuntime:
             **{job_record.ERROR_CODE: "REDIS_UNAVAILABLE", job_record.ERROR_MESSAGE: message},
         )
 
-    def _model(self, job: RunningJob, request: InferenceRequest) -> tuple[LoadedModel, bool, float]:
+    def _model(self, job: RunningJob, request: InferenceRequest | EmbeddingRequest) -> tuple[LoadedModel, bool, float]:
         """The model, loaded and marked in use (the caller releases it). Jobs for
         one model that arrive while it loads wait for that load (LoadedModels's lock)."""
         reporter = job.reporter
@@ -310,18 +292,12 @@ class WorkerRuntime:
         loaded, warm, load_ms = self._model(job, request)
         job.holding = (loaded, request.keep_alive)
         job.check()
+        if not loaded.model.can_generate():  # a bare model (worker/model/loader.py: model_class)
+            raise UnsupportedModel(f"{request.model} has no language-model head: it serves /v1/embeddings only")
         reporter = job.reporter
         reporter.emit(Ready(load_ms, warm))
-        prompt_ids = encode_prompt(loaded.tokenizer, request)
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            seed=request.seed,
-            stop=tuple(request.stop),
-        )
-        job.sequence = Sequence(loaded.model, loaded.tokenizer, prompt_ids, params, eos_ids(loaded.model, loaded.tokenizer))
+        job.sequence = prepare_sequence(loaded.model, loaded.tokenizer, request)
+        prompt_tokens = len(job.sequence.prompt_ids)
         engine = self.engine_for(loaded)
         engine.check_fits_alone(job)  # before `started`: a job that can never fit fails now
         started_at = self.clock.now()
@@ -329,7 +305,36 @@ class WorkerRuntime:
         job.phase = "waiting"
         engine.add_job(job)
         self._wait(job, engine)
-        self._finish(job, len(prompt_ids), load_ms)
+        self._finish(job, prompt_tokens, load_ms)
+
+    def _embed(self, job: RunningJob, request: EmbeddingRequest) -> None:
+        """Pools the model's hidden states on this thread (worker/model/embedder.py), beside
+        the model's batch; the vectors go to their own key just before the job's end."""
+        loaded, warm, load_ms = self._model(job, request)
+        job.holding = (loaded, request.keep_alive)
+        job.check()
+        reporter = job.reporter
+        reporter.emit(Ready(load_ms, warm))
+        started_at = self.clock.now()
+        reporter.emit(Started(job.job_id, request.model, self.name, started_at), JobState.running, **{job_record.STARTED_AT: started_at})
+        job.phase = "running"
+        start = time.perf_counter()
+        result = embed(loaded.model, loaded.tokenizer, loaded.folder, request.texts, self.models.device, request.dimensions, job.check)
+        took_ms = round((time.perf_counter() - start) * 1000, 2)
+        vectors = base64.b64encode(result.vectors.numpy().astype("<f4").tobytes())
+        self.redis.set(keys.job_embeddings(job.job_id), vectors, ex=keys.EMBEDDINGS_TTL_S)
+        reporter.finish(
+            End(0, took_ms, took_ms, "embedded"),
+            JobState.completed,
+            **{
+                job_record.TOKENS_OUT: 0,
+                job_record.PROMPT_TOKENS: result.prompt_tokens,
+                job_record.EMBEDDING_DIM: result.vectors.shape[1],
+                job_record.DECODE_TIME_MS: took_ms,
+                job_record.LOAD_MS: load_ms,
+                job_record.STOP_REASON: "embedded",
+            },
+        )
 
     def _wait(self, job: RunningJob, engine: Engine) -> None:
         """Until the engine lets go of the job. RQ's timeout lands here: the job
@@ -369,5 +374,6 @@ class WorkerRuntime:
                 job_record.LOAD_MS: load_ms,
                 job_record.STOP_REASON: stop_reason,
                 job_record.PROMPT_TOKENS: prompt_tokens,
+                **({job_record.TOOL_CALLS: tools.record_json()} if (tools := job.sequence.tool_calls) and tools.calls else {}),
             },
         )

@@ -23,4 +23,9 @@ def run_inference(job_id: str, spec: dict) -> None:
 
 def run_pull(job_id: str, spec: dict) -> None:
     """Downloads the model into this worker's hub cache (POST /v1/models/pull)."""
-    _installed().run_job(job_id, spec, pull=True)
+    _installed().run_job(job_id, spec, kind="pull")
+
+
+def run_embedding(job_id: str, spec: dict) -> None:
+    """One vector per input of an EmbeddingRequest (POST /v1/embeddings)."""
+    _installed().run_job(job_id, spec, kind="embedding")

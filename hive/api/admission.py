@@ -24,13 +24,14 @@ from hive.api.errors import ApiError
 from hive.api.state import hive_of
 from hive.jobs.quotas import rate_limit_headers
 from hive.jobs.submit import Admission, IdempotencyConflict, KeyLimited, QueueFull, Submitted
-from shared.spec import InferenceRequest, PullRequest
+from shared.spec import EmbeddingRequest, InferenceRequest, PullRequest
 
 MAX_KEY_CHARS = 255
 
 
-def _idempotency_key(request: Request) -> str:
-    """The header's key, hashed (it is stored nowhere as sent), or ""."""
+def _idempotency_key(request: Request, choice: int = 0) -> str:
+    """The header's key, hashed (it is stored nowhere as sent), or "". Choice k > 0
+    of an OpenAI request with ``n`` choices (each a job) gets a key of its own."""
     value = request.headers.get("idempotency-key")
     if value is None:
         return ""
@@ -39,7 +40,7 @@ def _idempotency_key(request: Request) -> str:
         value = value[1:-1]
     if not value or len(value) > MAX_KEY_CHARS:
         raise ApiError(400, "INVALID_IDEMPOTENCY_KEY", f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} characters")
-    return hashlib.sha256(value.encode()).hexdigest()
+    return hashlib.sha256((value if not choice else f"{value}\n{choice}").encode()).hexdigest()
 
 
 def _request_hash(request: Request, body: object) -> str:
@@ -50,12 +51,13 @@ def _request_hash(request: Request, body: object) -> str:
 
 
 async def admit(
-    request: Request, spec: InferenceRequest | PullRequest, body: object, owner: str, openai: bool = False
+    request: Request, spec: InferenceRequest | PullRequest | EmbeddingRequest, body: object, owner: str, openai: bool = False,
+    choice: int = 0,
 ) -> tuple[Submitted, dict[str, str], str]:
     """Submits the job: ``(submitted, headers for the answer, idempotency key hash or "")``.
     Raises ApiError for a refusal, with its headers."""
     hive = hive_of(request)
-    key = _idempotency_key(request)
+    key = _idempotency_key(request, choice)
     limits = hive.quotas.for_owner(owner)
     admission = Admission(limits, key, _request_hash(request, body) if key else "")
     try:

@@ -16,6 +16,7 @@ from hive.api.auth import Principal
 from hive.api.bodies import read_json_body, validation_error
 from hive.api.errors import ApiError
 from hive.api.openapi import openapi_schema
+from hive.api.schemas import check_schemas
 from hive.api.state import hive_of
 from hive.jobs.service import JobFinished, JobNotFound
 from hive.streams.sse import SHUTDOWN_GRACE_S, JobEventStream
@@ -60,6 +61,8 @@ async def accept_job(request: Request, spec_type: type[InferenceRequest] | type[
         spec = spec_type.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from e
+    if isinstance(spec, InferenceRequest):
+        check_schemas(spec)
     submitted, headers, idempotency_key = await admit(request, spec, body, principal.owner)
     job_id = submitted.job_id
     urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)

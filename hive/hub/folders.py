@@ -75,8 +75,9 @@ def scan_repo(root: Path, repo_id: str) -> Repo | None:
     folder = root / repo_id
     if not folder.is_dir():
         return None
+    # Subfolders too (a sentence-transformers model's ``1_Pooling/config.json``), named as the hub names them.
     files = {
-        p.name: RepoFile(p, p.stat().st_size, _sha256(p)) for p in sorted(folder.iterdir()) if p.is_file()
+        p.relative_to(folder).as_posix(): RepoFile(p, p.stat().st_size, _sha256(p)) for p in sorted(folder.rglob("*")) if p.is_file()
     }
     commit = hashlib.sha1("".join(f"{n}:{f.sha256}\n" for n, f in files.items()).encode()).hexdigest()
     return Repo(repo_id, commit, files)

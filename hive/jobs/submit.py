@@ -37,7 +37,7 @@ from shared import events, job_record, keys
 from shared.clock import RedisClock
 from shared.events import Queued
 from shared.settings import Settings
-from shared.spec import InferenceRequest, JobState, PullRequest
+from shared.spec import EmbeddingRequest, InferenceRequest, JobState, PullRequest
 
 log = logging.getLogger("hive.submit")
 
@@ -121,13 +121,16 @@ class Submitter:
         self._submit = connection.register_script(SUBMIT)
         self._withdraw = connection.register_script(WITHDRAW)
 
-    async def enqueue(self, request: InferenceRequest | PullRequest, owner: str, admission: Admission = Admission()) -> Submitted:
-        """Submits the job; a PullRequest downloads the model only. Raises QueueFull,
+    async def enqueue(
+        self, request: InferenceRequest | PullRequest | EmbeddingRequest, owner: str, admission: Admission = Admission()
+    ) -> Submitted:
+        """Submits the job; a PullRequest downloads the model only, an EmbeddingRequest
+        runs the model's forward once per batch of inputs (no decoding). Raises QueueFull,
         KeyLimited, IdempotencyConflict or NotReplicated when it is not accepted.
 
         One round trip (the submit script); the hive holds nothing of the job."""
         job_id = uuid.uuid4().hex
-        kind = "pull" if isinstance(request, PullRequest) else "inference"
+        kind = "pull" if isinstance(request, PullRequest) else "embedding" if isinstance(request, EmbeddingRequest) else "inference"
         queue, model = self.settings.queue, request.model
         now = self.clock.now()
         record = {
@@ -182,7 +185,7 @@ class Submitter:
             queue,
             keys.worker_queue(queue, ""),
             Queue.redis_queue_namespace_prefix,
-            int(kind == "inference"),  # pulls go to any worker: the shared queue
+            int(kind != "pull"),  # to a worker warm with the model; pulls go to any worker: the shared queue
             _QUEUED_HEAD,
             _QUEUED_TAIL,
             job_record.RQ_QUEUE,

@@ -4,10 +4,11 @@ Hive job each asks for: pydantic at this edge only, as the rest of the hive read
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hive.api.bodies import validation_error
 from hive.api.errors import ApiError
+from hive.api.schemas import check_schemas
 from shared.spec import InferenceRequest
 
 #: OpenAI's default is "until the model stops or its context is full": Hive's own
@@ -17,23 +18,32 @@ DEFAULT_MAX_TOKENS = next(m.le for m in InferenceRequest.model_fields["max_token
 #: OpenAI parameters Hive cannot honour, with the values that ask for nothing: any
 #: other value is a 400 naming the parameter, not an answer that ignores it.
 UNSUPPORTED = {
-    "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "tools": (None, []),
     "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
+    "function_call": (None, "none", "auto"),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
 }
+#: The most choices one request may ask for (``n``): each is a job of its own in the
+#: same batch, so this bounds what one request takes of a worker's rows.
+MAX_CHOICES = 16
+#: Fields passed to the job as they are, when given.
+PASSED_ON = (
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "revision",
+    "keep_alive",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "response_format",
+)
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +54,8 @@ class StreamOptions(BaseModel):
 
 class CommonParams(BaseModel):
     """What both endpoints read. Other OpenAI fields (``user``, ``store``, …) are
-    ignored, as other compatible servers do, unless ``UNSUPPORTED`` lists them."""
+    ignored, as other compatible servers do, unless ``UNSUPPORTED`` lists them;
+    the job's own validation (shared/spec.py) checks the values."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -56,8 +67,14 @@ class CommonParams(BaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
     # Hive's own, for clients that send extra fields (the openai client's extra_body).
     top_k: int | None = None
+    repetition_penalty: float | None = None
     revision: str | None = None
     keep_alive: float | str | None = None
 
@@ -74,28 +91,45 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
     def as_hive(self) -> dict:
-        """Hive's ``{role, content}``: text parts joined, ``developer`` as ``system``."""
-        content = self.content or ""
+        """Hive's message: text parts joined, ``developer`` as ``system``."""
+        content = self.content
         if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
+            if any(part.type not in ("text", "input_text", "output_text") or part.text is None for part in content):
                 raise ValueError("only text content parts are supported")
             content = "\n".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message: dict = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if content is None and not self.tool_calls:
+            message["content"] = ""
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatParams(CommonParams):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionParams(CommonParams):
     prompt: str | list[str]
+    #: The completions API's logprobs: how many of the most likely tokens to list (0-5).
+    logprobs: int | None = None
 
 
 def parse(body: object, params_type: type[CommonParams]) -> tuple[CommonParams, InferenceRequest]:
-    """OpenAI's request as the job it asks for; ApiError (400) when Hive cannot honour it."""
+    """OpenAI's request as the job it asks for (one per choice: ``n``); ApiError (400)
+    when Hive cannot honour it."""
     if not isinstance(body, dict):
         raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
     for name, neutral in UNSUPPORTED.items():
@@ -115,18 +149,31 @@ def parse(body: object, params_type: type[CommonParams]) -> tuple[CommonParams, 
             raise ApiError(400, "INVALID_REQUEST", f"messages: {e}", [{"field": "messages", "message": str(e)}]) from e
         if params.max_completion_tokens is not None:  # what OpenAI now calls max_tokens
             fields["max_tokens"] = params.max_completion_tokens
+        if params.logprobs:
+            fields["logprobs"] = True
+            fields["top_logprobs"] = params.top_logprobs or 0
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            if getattr(params, name) is not None:
+                fields[name] = getattr(params, name)
     else:
         prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
         if len(prompts) != 1:
             message = "one prompt per request (a batch of prompts is not supported)"
             raise ApiError(400, "UNSUPPORTED_PARAMETER", message, [{"field": "prompt", "message": message}])
         fields["prompt"] = prompts[0]
-    for name in ("temperature", "top_p", "seed", "top_k", "revision", "keep_alive"):
+        if params.logprobs is not None:
+            fields["logprobs"] = True
+            fields["top_logprobs"] = params.logprobs
+    for name in PASSED_ON:
         if getattr(params, name) is not None:
             fields[name] = getattr(params, name)
+    if fields.get("response_format") == {"type": "text"}:
+        del fields["response_format"]
     if params.stop is not None:
         fields["stop"] = [params.stop] if isinstance(params.stop, str) else params.stop
     try:
-        return params, InferenceRequest.model_validate(fields)
+        spec = InferenceRequest.model_validate(fields)
     except ValidationError as e:
         raise validation_error(e) from e
+    check_schemas(spec)
+    return params, spec

@@ -5,6 +5,8 @@ into an ``InferenceRequest``, submit it as ``POST /v1/inference`` does, and turn
 the job's events back into OpenAI's shapes: SSE chunks ending with
 ``data: [DONE]`` (``stream: true``), or one completion once the job has ended.
 ``GET /v1/models`` is ``hive/api/inference.py``'s, already shaped as OpenAI's list.
+``n`` choices are ``n`` jobs, submitted together: they share the worker's batch, and
+their events merge into one stream, each chunk naming its choice's index.
 
 An OpenAI client cannot resume a stream, so these jobs are submitted with
 ``cancel_on_disconnect``: a client that goes away, streaming or not, cancels its job.
@@ -20,7 +22,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import anyio
 import redis.exceptions
@@ -34,17 +35,15 @@ from hive.api.errors import ApiError
 from hive.api.state import Hive, hive_of
 from hive.jobs.submit import NotReplicated
 from hive.openai.params import ChatParams, CommonParams, CompletionParams, parse
+from hive.openai.shapes import CHAT, FINISH_REASONS, TEXT, Choice, Flavour, chunk_choice, final_chunk_choice, role_chunk_choice
 from hive.streams.sse import SHUTDOWN_GRACE_S, JobEventStream
 from shared import job_record
 from shared.events import DONE_FRAME
+from shared.spec import InferenceRequest
 
 log = logging.getLogger("hive.openai")
 
 DONE_LINE = DONE_FRAME.strip()  # b"data: [DONE]"
-
-#: The job's ``end.stop_reason`` as OpenAI's ``finish_reason``; ``cancelled`` is none
-#: of OpenAI's: such a job ends the answer with an error.
-FINISH_REASONS = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 #: A job's error code as the HTTP status of a non-streamed answer (others: 500).
 JOB_ERROR_STATUS = {
@@ -52,6 +51,8 @@ JOB_ERROR_STATUS = {
     "PROMPT_TOO_LONG": 400,
     "MODEL_NOT_SUPPORTED": 400,
     "MODEL_TOO_LARGE": 400,
+    "UNSUPPORTED_SCHEMA": 400,
+    "TOOLS_NOT_SUPPORTED": 400,
     "MODEL_NOT_FOUND": 404,
     "CANCELLED": 409,
     "DOWNLOAD_FAILED": 502,
@@ -117,32 +118,14 @@ async def job_events(hive: Hive, job_id: str) -> AsyncIterator[tuple[str, dict]]
                     yield event["event"], event
 
 
-@dataclass(frozen=True)
-class Flavour:
-    """What tells a chat completion from a text completion in OpenAI's shapes."""
-
-    id_prefix: str
-    object: str
-    chunk_object: str
-    chat: bool
-
-    def choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict:
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if chunk:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
-        message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-
-
-CHAT = Flavour("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
-TEXT = Flavour("cmpl-", "text_completion", "text_completion", chat=False)
-
-
-async def usage(hive: Hive, job_id: str) -> dict:
-    """The job record's counts, those its status shows."""
-    record = await hive.jobs.record(job_id) or {}
-    prompt, completion = (int(record.get(k) or 0) for k in (job_record.PROMPT_TOKENS, job_record.TOKENS_OUT))
+async def usage(hive: Hive, job_ids: list[str]) -> dict:
+    """The job records' counts, those their status shows, summed over the choices
+    (the prompt counts once: its jobs share it)."""
+    prompt = completion = 0
+    for job_id in job_ids:
+        record = await hive.jobs.record(job_id) or {}
+        prompt = int(record.get(job_record.PROMPT_TOKENS) or 0)
+        completion += int(record.get(job_record.TOKENS_OUT) or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -155,11 +138,33 @@ def job_failure(type_: str, event: dict) -> tuple[str, str] | None:
     return None
 
 
-async def stream_chunks(hive: Hive, job_id: str, flavour: Flavour, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    """The job's tokens as OpenAI's chunks; progress events are left out (the SSE
-    pings keep proxies from closing the connection meanwhile). An error is sent as
-    OpenAI's error object, which the openai client raises as ``APIError``."""
-    head = {"id": flavour.id_prefix + job_id, "object": flavour.chunk_object, "created": int(time.time()), "model": model}
+async def choice_events(hive: Hive, job_ids: list[str]) -> AsyncIterator[tuple[int, str, dict]]:
+    """Every choice's events as ``(index, type, fields)``, merged as they come."""
+    if len(job_ids) == 1:
+        async for type_, event in job_events(hive, job_ids[0]):
+            yield 0, type_, event
+        return
+    send, receive = anyio.create_memory_object_stream[tuple[int, str, dict]](64)
+    async with anyio.create_task_group() as group:
+
+        async def follow(index: int, job_id: str, send) -> None:
+            async with send:
+                async for type_, event in job_events(hive, job_id):
+                    await send.send((index, type_, event))
+
+        async with send:
+            for index, job_id in enumerate(job_ids):
+                group.start_soon(follow, index, job_id, send.clone())
+        async with receive:
+            async for item in receive:
+                yield item
+
+
+async def stream_chunks(hive: Hive, job_ids: list[str], flavour: Flavour, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """The jobs' tokens and tool calls as OpenAI's chunks; progress events are left
+    out (the SSE pings keep proxies from closing the connection meanwhile). An error
+    is sent as OpenAI's error object, which the openai client raises as ``APIError``."""
+    head = {"id": flavour.id_prefix + job_ids[0], "object": flavour.chunk_object, "created": int(time.time()), "model": model}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choices: list, **fields) -> bytes:
@@ -169,37 +174,47 @@ async def stream_chunks(hive: Hive, job_id: str, flavour: Flavour, model: str, i
     def error_chunk(code: str, message: str) -> bytes:
         return f"data: {json.dumps(error_body(JOB_ERROR_STATUS.get(code, 500), code, message))}\n\n".encode()
 
-    role_sent = not flavour.chat
-    async for type_, event in job_events(hive, job_id):
-        if not role_sent and type_ in ("started", "token", "end"):
-            role_sent = True
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        if type_ == "token" and event["t"]:
-            yield chunk([flavour.choice(event["t"], None, chunk=True)])
-        elif type_ == "gap":
-            # OpenAI's chunks have no way to say "text missing here": the stream ends
-            # clearly instead of going on with a hole in the text.
-            message = f"a Redis failover lost {event['last'] - event['first'] + 1} events of this stream; the whole output is at /v1/inference/{job_id}"
-            yield error_chunk("EVENTS_LOST", message)
-            break
-        elif type_ in ("end", "error"):
-            failure = job_failure(type_, event)
-            if failure is not None:
-                yield error_chunk(*failure)
-                continue
-            yield chunk([flavour.choice("", FINISH_REASONS[event["stop_reason"]], chunk=True)])
-            if include_usage:
-                try:
-                    yield chunk([], usage=await usage(hive, job_id))
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-                    yield error_chunk("REDIS_UNAVAILABLE", f"the usage could not be read: {e}")
+    role_sent = [not flavour.chat] * len(job_ids)
+    offsets = [0] * len(job_ids)
+    ended = 0
+    async with contextlib.aclosing(choice_events(hive, job_ids)) as events:
+        async for index, type_, event in events:
+            if not role_sent[index] and type_ in ("started", "token", "tool_call", "end"):
+                role_sent[index] = True
+                yield chunk([role_chunk_choice(index)])
+            if type_ in ("token", "tool_call"):
+                choice = chunk_choice(flavour, index, type_, event, offsets[index])
+                if type_ == "token":
+                    offsets[index] += len(event["t"])
+                if choice is not None:
+                    yield chunk([choice])
+            elif type_ == "gap":
+                # OpenAI's chunks have no way to say "text missing here": the stream ends
+                # clearly instead of going on with a hole in the text.
+                job_id = job_ids[index]
+                message = f"a Redis failover lost {event['last'] - event['first'] + 1} events of this stream; the whole output is at /v1/inference/{job_id}"
+                yield error_chunk("EVENTS_LOST", message)
+                break
+            elif type_ in ("end", "error"):
+                failure = job_failure(type_, event)
+                if failure is not None:
+                    yield error_chunk(*failure)
+                    continue
+                yield chunk([final_chunk_choice(flavour, index, event["stop_reason"])])
+                ended += 1
+                if include_usage and ended == len(job_ids):
+                    try:
+                        yield chunk([], usage=await usage(hive, job_ids))
+                    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                        yield error_chunk("REDIS_UNAVAILABLE", f"the usage could not be read: {e}")
     yield DONE_FRAME
 
 
-async def follow_to_end(request: Request, hive: Hive, job_id: str) -> tuple[str, str, dict] | None:
-    """``(text, terminal type, terminal event)``, or None when the client went away
-    first: the relay's follower then leaves, which cancels the job."""
-    result = None
+async def follow_to_end(request: Request, hive: Hive, job_ids: list[str]) -> list[Choice] | None:
+    """Each job's answer once all have ended, or None when the client went away
+    first: the relay's followers then leave, which cancels the jobs."""
+    choices = [Choice(index, job_id) for index, job_id in enumerate(job_ids)]
+    finished = False
     async with anyio.create_task_group() as group:
 
         async def watch_for_disconnect() -> None:
@@ -209,63 +224,84 @@ async def follow_to_end(request: Request, hive: Hive, job_id: str) -> tuple[str,
             group.cancel_scope.cancel()
 
         group.start_soon(watch_for_disconnect)
-        pieces: list[str] = []
-        lost = False
-        async for type_, event in job_events(hive, job_id):
-            if type_ == "token":
-                pieces.append(event["t"])
-            elif type_ == "gap":
-                lost = True
-            elif type_ in ("end", "error"):
-                text = "".join(pieces)
-                if lost:  # tokens lost in a failover: the worker's record has the whole text
-                    text = (await hive.jobs.record(job_id) or {}).get(job_record.OUTPUT, text)
-                result = (text, type_, event)
+        async with contextlib.aclosing(choice_events(hive, job_ids)) as events:
+            async for index, type_, event in events:
+                choices[index].add(type_, event)
+        for choice in choices:
+            if choice.lost:  # tokens lost in a failover: the worker's record has the whole answer
+                record = await hive.jobs.record(choice.job_id) or {}
+                choice.pieces = [record.get(job_record.OUTPUT, choice.text)]
+                if record.get(job_record.TOOL_CALLS):
+                    choice.tool_calls = json.loads(record[job_record.TOOL_CALLS])
+        finished = all(choice.end is not None for choice in choices)
         group.cancel_scope.cancel()
-    return result
+    return choices if finished else None
+
+
+async def submit_choices(request: Request, spec: InferenceRequest, n: int, body: object, owner: str) -> tuple[list[str], dict]:
+    """The ``n`` jobs of one request: ``(job ids, the answer's headers)``. Each choice
+    samples on its own generator: with a ``seed``, choice k uses ``seed + k``."""
+    job_ids, headers = [], {}
+    for k in range(n):
+        choice_spec = spec if k == 0 or spec.seed is None else spec.model_copy(update={"seed": (spec.seed + k) % 2**63})
+        # A replayed Idempotency-Key follows the first request's jobs, from their start.
+        submitted, admit_headers, idempotency_key = await admit(request, choice_spec, body, owner, openai=True, choice=k)
+        if not submitted.replayed:
+            await answered(request, owner, idempotency_key, {"job_id": submitted.job_id})
+        job_ids.append(submitted.job_id)
+        headers = headers or admit_headers
+    return job_ids, {"X-Hive-Job-Id": ",".join(job_ids), **headers}
+
+
+def event_stream(hive: Hive, frames: AsyncIterator[bytes], headers: dict) -> JobEventStream:
+    """The SSE answer that sends ``frames``, with the hive's pings, shutdown and stall watchdog."""
+    return JobEventStream(
+        frames,
+        ping=hive.settings.sse_ping_s,
+        shutdown_event=hive.relay.stopping,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+        watchdog=hive.stalls,
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def failure_response(choices: list[Choice], headers: dict) -> JSONResponse | None:
+    """The first failed choice's error as OpenAI's error answer; None when every job finished."""
+    for choice in choices:
+        failure = job_failure(*choice.end)
+        if failure is not None:
+            code, message = failure
+            status = JOB_ERROR_STATUS.get(code, 500)
+            if code in NOT_RETRIED:
+                headers["X-Should-Retry"] = "false"
+            return JSONResponse(error_body(status, code, message), status, headers=headers)
+    return None
 
 
 async def answer(request: Request, params_type: type[CommonParams], flavour: Flavour) -> Response:
-    """Submits the job, then streams its chunks or waits for its end: both endpoints."""
+    """Submits the jobs, then streams their chunks or waits for their ends: both endpoints."""
     hive = hive_of(request)
     principal = hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     params, spec = parse(body, params_type)
-    # A replayed Idempotency-Key follows the first request's job, from its start.
-    submitted, admit_headers, idempotency_key = await admit(request, spec, body, principal.owner, openai=True)
-    job_id = submitted.job_id
-    if not submitted.replayed:
-        await answered(request, principal.owner, idempotency_key, {"job_id": job_id})
-    headers = {"X-Hive-Job-Id": job_id, **admit_headers}
+    job_ids, headers = await submit_choices(request, spec, params.n or 1, body, principal.owner)
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        return JobEventStream(
-            stream_chunks(hive, job_id, flavour, params.model, include_usage),
-            ping=hive.settings.sse_ping_s,
-            shutdown_event=hive.relay.stopping,
-            shutdown_grace_period=SHUTDOWN_GRACE_S,
-            watchdog=hive.stalls,
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(hive, stream_chunks(hive, job_ids, flavour, params.model, include_usage), headers)
     created = int(time.time())
-    result = await follow_to_end(request, hive, job_id)
-    if result is None:
+    choices = await follow_to_end(request, hive, job_ids)
+    if choices is None:
         return Response(status_code=499)  # nobody reads it: the client is gone
-    text, type_, event = result
-    failure = job_failure(type_, event)
-    if failure is not None:
-        code, message = failure
-        status = JOB_ERROR_STATUS.get(code, 500)
-        if code in NOT_RETRIED:
-            headers["X-Should-Retry"] = "false"
-        return JSONResponse(error_body(status, code, message), status, headers=headers)
+    failed = failure_response(choices, headers)
+    if failed is not None:
+        return failed
     completion = {
-        "id": flavour.id_prefix + job_id,
+        "id": flavour.id_prefix + job_ids[0],
         "object": flavour.object,
         "created": created,
         "model": params.model,
-        "choices": [flavour.choice(text, FINISH_REASONS[event["stop_reason"]], chunk=False)],
-        "usage": await usage(hive, job_id),
+        "choices": [choice.as_openai(flavour) for choice in choices],
+        "usage": await usage(hive, job_ids),
     }
     return JSONResponse(completion, headers=headers)
 

@@ -26,7 +26,7 @@ import redis
 
 from shared import events, job_record, keys, webhooks
 from shared.clock import RedisClock
-from shared.events import Event, Token
+from shared.events import Event, Token, ToolCallDelta
 from shared.spec import FINAL_STATES, JobState
 
 log = logging.getLogger("worker.reporter")
@@ -112,8 +112,8 @@ class JobReporter:
         pipe.publish(self._channel, events.live_message(self.seq, event.type, data))
         pipe.execute()
 
-    def token_commands(self, token: Token) -> list[bytes]:
-        """The two commands that append and publish ``token``, packed for the
+    def token_commands(self, token: Token | ToolCallDelta) -> list[bytes]:
+        """The two commands that append and publish ``token`` (or a tool call's part), packed for the
         engine's step pipeline (``StepWriter``), which sends every job's tokens of
         one decode step together. (A job that has produced a token is not retried
         if its worker is lost: the hive reads that off the log, so no record write

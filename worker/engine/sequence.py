@@ -15,43 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.events import ToolCallDelta
+from worker.engine.sampling import Penalties, SamplingParams, logprob_item, sample_next
 from worker.engine.textstream import IncrementalDecoder, StopMatcher
+from worker.grammar.constraint import Constraint, token_bytes
+from worker.grammar.tool_call_stream import ToolCallStream
+
+__all__ = ["PromptTooLong", "SamplingParams", "Sequence", "Step", "eos_ids", "generate_alone"]
 
 
 class PromptTooLong(Exception):
     code = "PROMPT_TOO_LONG"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from the last position's logits (1-D)."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the first always stays).
-        drop = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def eos_ids(model, tokenizer) -> frozenset[int]:
@@ -77,15 +51,30 @@ def context_length(model) -> int | None:
 @dataclass(frozen=True)
 class Step:
     """What one sampled token gives the job: the text that became final with it,
-    and on its last token why it stopped (max_tokens | eos | stop_sequence)."""
+    the tool-call parts it completed, its logprobs when asked for, and on its last
+    token why it stopped (max_tokens | eos | stop_sequence | tool_calls)."""
 
     i: int
     text: str
     stop_reason: str | None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: dict | None = None
 
 
 class Sequence:
-    def __init__(self, model, tokenizer, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]):
+    """``constraint``: the job's grammar, if any; ``tool_calls``: reads calls out of
+    the answer, when the job may make them."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop_ids: frozenset[int],
+        constraint: Constraint | None = None,
+        tool_calls: ToolCallStream | None = None,
+    ):
         limit = context_length(model)
         if limit is not None and len(prompt_ids) >= limit:
             raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
@@ -97,9 +86,14 @@ class Sequence:
             device = next(model.parameters()).device
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+        self._tokenizer = tokenizer
         self._stop_ids = stop_ids
         self._decoder = IncrementalDecoder(tokenizer, prompt_ids)
         self._stops = StopMatcher(list(params.stop))
+        self.constraint = constraint
+        self.tool_calls = tool_calls
+        self._penalties: Penalties | None = None
+        self._logprobs: dict | None = None
         #: Tokens sampled so far.
         self.count = 0
 
@@ -108,24 +102,57 @@ class Sequence:
         """The most tokens this sequence can hold in the KV cache: its reservation."""
         return len(self.prompt_ids) + self.max_tokens
 
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to process: the batch's one argmax is its token."""
+        params = self.params
+        return params.greedy and self.constraint is None and not params.penalized and not params.logprobs
+
     def sample(self, logits: torch.Tensor) -> int:
-        return sample_next(logits, self.params, self.generator)
+        """The next token from this sequence's logits row (1-D), processed as
+        worker/engine/sampling.py orders it."""
+        params = self.params
+        raw = logits
+        if params.penalized:
+            if self._penalties is None:
+                self._penalties = Penalties(params, self.prompt_ids, logits.shape[-1], logits.device)
+            logits = self._penalties.apply(logits)
+        if self.constraint is not None:
+            logits = logits.float().clone() if logits is raw else logits
+            self.constraint.allowed(logits)
+        token_id = sample_next(logits, params, self.generator)
+        if params.logprobs:
+            self._logprobs = logprob_item(raw, token_id, params.top_logprobs, lambda t: token_bytes(self._tokenizer, t))
+        return token_id
 
     def accept(self, token_id: int) -> Step:
         """The sampled ``token_id``'s text, and whether the sequence ends with it."""
         i = self.count
         self.count += 1
+        logprobs, self._logprobs = self._logprobs, None
         is_eos = token_id in self._stop_ids
-        last = is_eos or self.count >= self.max_tokens
+        if self._penalties is not None:
+            self._penalties.accept(token_id)
+        finished = False
+        if self.constraint is not None and not is_eos:
+            self.constraint.accept(token_id)
+            finished = self.constraint.finished
+        last = is_eos or finished or self.count >= self.max_tokens
         delta = "" if is_eos else self._decoder.push(token_id)
         if last:
             delta += self._decoder.flush()
+        calls: tuple[ToolCallDelta, ...] = ()
+        if self.tool_calls is not None:
+            delta, deltas = self.tool_calls.feed(delta, final=last)
+            calls = tuple(deltas)
         text, hit_stop = self._stops.feed(delta, final=last)
         if hit_stop:
-            return Step(i, text, "stop_sequence")
+            return Step(i, text, "stop_sequence", calls, logprobs)
         if last:
-            return Step(i, text, "eos" if is_eos else "max_tokens")
-        return Step(i, text, None)
+            if self.tool_calls is not None and self.tool_calls.calls and (is_eos or finished):
+                return Step(i, text, "tool_calls", calls, logprobs)
+            return Step(i, text, "eos" if is_eos or finished else "max_tokens", calls, logprobs)
+        return Step(i, text, None, calls, logprobs)
 
 
 def generate_alone(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:

@@ -242,13 +242,16 @@ class Engine:
         ids, stops = [], []
         for k, job in enumerate(jobs):
             sequence = job.sequence
-            token_id = greedy[k] if sequence.params.greedy else sequence.sample(logits[k])
+            token_id = greedy[k] if sequence.plain else sequence.sample(logits[k])
             ids.append(token_id)
             step = sequence.accept(token_id)
             if step.i == 0:
                 job.first_at = now
             job.pieces.append(step.text)
-            commands.extend(job.reporter.token_commands(Token(step.text, step.i)))
+            if step.text or step.logprobs or not step.tool_calls:
+                commands.extend(job.reporter.token_commands(Token(step.text, step.i, step.logprobs)))
+            for delta in step.tool_calls:
+                commands.extend(job.reporter.token_commands(delta))
             if step.stop_reason:
                 stops.append((k, step.stop_reason))
         return ids, stops

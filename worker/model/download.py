@@ -20,7 +20,7 @@ from worker.model.download_lock import ModelDownloadLock, lock_dir, lock_name
 
 log = logging.getLogger("worker.download")
 
-#: What a causal LM needs: config, tokenizer files and safetensors weights.
+#: What a model needs: config, tokenizer files and safetensors weights.
 MODEL_FILE_PATTERNS = (
     "config.json",
     "generation_config.json",
@@ -36,7 +36,15 @@ MODEL_FILE_PATTERNS = (
     "chat_template.json",
     "*.safetensors",
     "model.safetensors.index.json",
+    # What sentence-transformers declares of an embedding model (worker/model/embedder.py):
+    # its modules, its pooling (in a folder of its own), its sequence length and prompts.
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "*_Pooling/config.json",
 )
+#: The one kind of file fetched from a subfolder.
+POOLING_CONFIG = "*_Pooling/config.json"
 
 #: At most this many progress events a second for one job.
 PROGRESS_PER_S = 10
@@ -137,7 +145,14 @@ class DownloadProgress:
 
 
 def _wanted(name: str) -> bool:
-    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS)
+    if "/" in name:  # fnmatch's * spans slashes: *.safetensors would take every subfolder's too
+        return name.count("/") == 1 and fnmatch.fnmatch(name, POOLING_CONFIG)
+    return any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS)
+
+
+def _snapshot_folder(name: str, path: str) -> Path:
+    """The snapshot folder holding the repo file ``name``, from that file's path."""
+    return Path(path).parents[name.count("/")]
 
 
 def fetch_model(
@@ -191,7 +206,7 @@ def fetch_model(
     cached = _in_cache(repo_id, info.sha, files)
     if all(cached.values()):
         emit(Download(None, size, size, len(files), len(files), cached=True))
-        return Path(next(iter(cached.values()))).parent
+        return _snapshot_folder(*next(iter(cached.items())))
 
     with ModelDownloadLock(lock_dir(constants.HF_HUB_CACHE), lock_name(repo_id, info.sha), emit, check) as lock:
         # Another worker may have downloaded some or all of it while this one waited.
@@ -202,7 +217,7 @@ def fetch_model(
                 emit(Download(None, size, size, len(files), len(files), cached=True))
             elif (followed.bytes_downloaded, followed.files_done) != (size, len(files)):
                 emit(Download(followed.file, size, size, len(files), len(files)))  # end at full size
-            return Path(next(iter(cached.values()))).parent
+            return _snapshot_folder(*next(iter(cached.items())))
         return _download_missing(repo_id, info.sha, files, cached, lock.publish, check, on_downloaded)
 
 
@@ -242,7 +257,7 @@ def _download_missing(
             except Exception as e:
                 check()  # a cancel stops the download with the cancel, not as a failure
                 raise DownloadFailed(f"{repo_id}/{f.name}: {e}") from e
-            folder = Path(path).parent
+            folder = _snapshot_folder(f.name, path)
             progress.finish_file()
     finally:
         on_downloaded(progress.bytes_downloaded - present, time.monotonic() - started)

@@ -100,6 +100,8 @@ class LoadedModel:
     users: int = 0
     #: Unload after this time (time.monotonic()); inf: until evicted.
     expires_at: float = math.inf
+    #: The snapshot it was loaded from (an embedding job reads its pooling there).
+    folder: Path | None = None
 
     @property
     def in_use(self) -> bool:
@@ -224,7 +226,7 @@ class LoadedModels:
         model = load_model(folder, self.device, self.dtype_name, on_layer, spread)
         load_ms = round((time.perf_counter() - start) * 1000, 1)
         size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, users=1)
+        loaded = LoadedModel(repo_id, revision, model, tokenizer, load_ms, size, users=1, folder=folder)
         with self._lock:
             self._models[loaded.key] = loaded
         log.info("loaded %s@%s on %s in %.0f ms (%.1f MiB)", repo_id, revision or "main", self.device, load_ms, size / 2**20)

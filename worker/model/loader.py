@@ -67,6 +67,20 @@ def resolve_dtype(name: str, device: torch.device, config) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def model_class(config):
+    """The auto class a checkpoint loads with: AutoModelForCausalLM, unless the
+    checkpoint is a bare model, whose ``architectures`` name no head (``BertModel``,
+    ``MistralModel``: what embedding models ship), or its family has no causal-LM
+    class (MPNet): AutoModel. Such a model serves embeddings only (worker/runtime.py)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and all(name.endswith("Model") and "LMHead" not in name for name in architectures):
+        return AutoModel
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
+
+
 def _weight_files(model_dir: Path) -> dict[str, Path]:
     """Checkpoint tensor name → the safetensors file holding it."""
     index = model_dir / "model.safetensors.index.json"
@@ -132,7 +146,7 @@ def load_layer_by_layer(
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -141,7 +155,7 @@ def load_layer_by_layer(
     # every parameter) through torch's slow meta kernels, 80% of a load's time, for
     # weights the checkpoint replaces anyway (measured with py-spy, bench/load.py).
     with BUILDING, init_empty_weights(include_buffers=False), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = text_config.num_hidden_layers
     layers_prefix = _decoder_layers_prefix(model, num_layers) + "."
@@ -205,13 +219,13 @@ def load_model(
             return load_layer_by_layer(model_dir, device, dtype_name, on_layer)
         except NeedsConversion as e:
             log.warning("%s: %s; loading with from_pretrained (no per-layer progress)", model_dir.name, e)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype_name, device, config)
     device_map = "auto" if spread else str(device)
     with BUILDING:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, max_memory=spread).eval()
+        model = model_class(config).from_pretrained(model_dir, dtype=dtype, device_map=device_map, max_memory=spread).eval()
     if on_layer is not None:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         placed = sum(p.numel() * p.element_size() for p in model.parameters())
