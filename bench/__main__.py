@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench import batching, download, engines, fanout, load, redis_cmds, submit
+from bench import batching, download, engines, fanout, load, redis_cmds, structured, submit
 from bench.doc import replace_section, section_text
 from bench.figure import Figure
 
@@ -34,10 +34,11 @@ COMMANDS = {
     "submit": ["python", "-m", "bench.submit", "--rounds", "3", "--seconds", "5"],
     "engines": ["python", "-m", "bench.engines", "--n", "1,8,16", "--runs", "2"],
     "batching": ["python", "-m", "bench.batching", "--runs", "2"],
+    "structured": ["python", "-m", "bench.structured", "--runs", "2"],
 }
 IN_PROCESS = {
     "load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main,
-    "engines": engines.main, "batching": batching.main,
+    "engines": engines.main, "batching": batching.main, "structured": structured.main,
 }
 
 

@@ -10,7 +10,6 @@ xgrammar is measured in docs/benchmarks.md ("Structured output and tools").
 
 from __future__ import annotations
 
-import copy
 import json
 
 #: The JSON's layout: one space after ``:`` and ``,`` as Python's json.dumps and
@@ -28,11 +27,46 @@ class UnsupportedSchema(ValueError):
     code = "UNSUPPORTED_SCHEMA"
 
 
+_DATE = r"([0-9]{4}-(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|[0-9]{4}-(0[469]|11)-(0[1-9]|[12][0-9]|30)|[0-9]{4}-02-(0[1-9]|1[0-9]|2[0-8]))"
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: Formats whose llguidance grammar lets through values validators refuse, as patterns
+#: that admit only values every validator accepts: a leap second (``:60``) anywhere,
+#: a hostname label past 63 characters (bench/structured.py found both in 200 answers).
+#: February 29 is left out (whether it exists depends on the year): a narrower set,
+#: never a wrong value. [0-9], not \d: Rust's \d takes any Unicode digit.
+_FORMAT_PATTERNS = {
+    "date-time": f"^{_DATE}T{_TIME}$",
+    "time": f"^{_TIME}$",
+    "date": f"^{_DATE}$",
+    "hostname": f"^{_LABEL}(\\.{_LABEL}){{0,7}}$",
+}
+#: Keywords whose values are data, not schemas: never rewritten.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _tightened(node):
+    """The schema with the formats above as patterns, and ``uniqueItems: false``
+    (which every array meets, but llguidance refuses as a keyword) left out."""
+    if isinstance(node, list):
+        return [_tightened(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: value if key in _DATA_KEYWORDS else _tightened(value) for key, value in node.items()}
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in _FORMAT_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = _FORMAT_PATTERNS[fmt]
+    if out.get("uniqueItems") is False:
+        del out["uniqueItems"]
+    return out
+
+
 def with_layout(schema: dict | None, strict: bool) -> dict:
     """The schema with Hive's layout for llguidance (its ``x-guidance`` key).
     ``strict``: a keyword llguidance cannot enforce is an error; otherwise it is
     left unenforced (``lenient``), as a non-strict tool's schema is a hint."""
-    schema = copy.copy(schema) if schema else dict(ANY_OBJECT)
+    schema = _tightened(schema) if schema else dict(ANY_OBJECT)
     schema["x-guidance"] = {**LAYOUT, "lenient": not strict}
     return schema
 

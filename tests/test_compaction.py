@@ -59,3 +59,20 @@ def test_compaction_keeps_every_id_and_byte_and_shrinks_the_log(redis_client, re
     # A follower resuming inside a compacted run gets exactly what comes after its id.
     assert asyncio.run(read(4)) == [(5, "token"), (6, "token"), (7, "token"), (10, "token"), (11, "token"), (12, "end")]
     assert asyncio.run(read(0))[0] == (1, "queued")
+
+
+@pytest.mark.timeout(30)
+def test_tokens_with_logprobs_and_tool_calls_are_kept_as_they_are(redis_client):
+    """A run holds text only: a token with its logprobs, and a tool call's part, stay
+    whole entries, so no reader loses them to compaction."""
+    from shared.events import ToolCallDelta
+
+    job_id = uuid.uuid4().hex
+    key = keys.job_events(job_id)
+    item = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}
+    log = [(1, Token("a", 0)), (2, Token("b", 1)), (3, Token("c", 2, item)), (4, Token("d", 3)), (5, Token("e", 4))]
+    log += [(6, ToolCallDelta(0, "call_1", "f", "")), (7, ToolCallDelta(0, None, None, '{"x": 1}')), (8, End(5, 1.0, 1.0, "tool_calls"))]
+    _write(redis_client, key, log)
+    before = _expanded(redis_client, key)
+    assert redis_client.register_script(events.COMPACT_TOKENS)(keys=[key]) == 2  # runs [1, 2] and [4, 5]
+    assert _expanded(redis_client, key) == before

@@ -219,3 +219,12 @@ def test_the_native_api_streams_tool_call_events(cluster):
 def assert_weather_call_json(arguments: str) -> None:
     value = json.loads(arguments)
     assert set(value) == {"city", "unit"}
+
+
+def test_the_completions_api_lists_logprobs_in_columns(client):
+    completion = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0, logprobs=2)
+    [choice] = completion.choices
+    columns = choice.logprobs
+    assert len(columns.tokens) == len(columns.token_logprobs) == len(columns.top_logprobs) == completion.usage.completion_tokens
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(value) for top, value in zip(columns.top_logprobs, columns.token_logprobs))
+    assert columns.text_offset[0] == 0 and columns.text_offset == sorted(columns.text_offset)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import base64
-import contextlib
 import json
 import sys
 
@@ -32,7 +31,7 @@ from hive.api.admission import admit, answered
 from hive.api.bodies import read_json_body, validation_error
 from hive.api.errors import ApiError
 from hive.api.state import Hive, hive_of
-from hive.openai.routes import JOB_ERROR_STATUS, NOT_RETRIED, error_body, job_events, openai_errors
+from hive.openai.routes import JOB_ERROR_STATUS, NOT_RETRIED, error_body, follow_to_end, openai_errors
 from shared import job_record, keys
 from shared.spec import EmbeddingRequest
 
@@ -95,22 +94,8 @@ def render(spec: EmbeddingRequest, vectors: bytes, dim: int, prompt_tokens: int)
 async def wait_for_end(request: Request, hive: Hive, job_id: str) -> tuple[str, dict] | None:
     """The job's terminal event ``(type, fields)``, or None when the client went away
     first: the relay's follower then leaves, which cancels the job."""
-    result = None
-    async with anyio.create_task_group() as group:
-
-        async def watch_for_disconnect() -> None:
-            # The body is read: what comes next from the server is the disconnect.
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch_for_disconnect)
-        async with contextlib.aclosing(job_events(hive, job_id)) as events:
-            async for type_, event in events:
-                if type_ in ("end", "error"):
-                    result = (type_, event)
-        group.cancel_scope.cancel()
-    return result
+    choices = await follow_to_end(request, hive, [job_id])
+    return None if choices is None else choices[0].end
 
 
 async def stored_vectors(hive: Hive, job_id: str) -> tuple[bytes | None, int, int]:

@@ -39,9 +39,9 @@ log = logging.getLogger("hive.openai")
 
 def echoed(params: ResponsesParams, spec: InferenceRequest) -> dict:
     """The request's settings as a Response repeats them."""
+    functions = [tool.function for tool in spec.tools or ()]
     tools = [
-        {"type": "function", "name": t.function.name, "description": t.function.description, "parameters": t.function.parameters, "strict": t.function.strict}
-        for t in spec.tools or ()
+        {"type": "function", "name": f.name, "description": f.description, "parameters": f.parameters, "strict": f.strict} for f in functions
     ]
     text_format = params.text.format if params.text is not None and params.text.format else {"type": "text"}
     return {
@@ -64,7 +64,9 @@ def echoed(params: ResponsesParams, spec: InferenceRequest) -> dict:
     }
 
 
-def response_object(job_id: str, created_at: int, echo: dict, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
+def response_object(
+    job_id: str, created_at: int, echo: dict, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None
+) -> dict:
     return {
         "id": f"resp_{job_id}",
         "object": "response",
@@ -99,8 +101,8 @@ def message_item(job_id: str, text: str, status: str) -> dict:
 
 def call_item(job_id: str, k: int, call: dict, status: str) -> dict:
     """Tool call ``k`` (chat's shape, as ``Choice`` holds it) as a ``function_call`` item."""
-    function = call["function"]
-    return {"id": f"fc_{job_id}_{k}", "type": "function_call", "status": status, "call_id": call["id"], "name": function["name"], "arguments": function["arguments"]}
+    item = {"id": f"fc_{job_id}_{k}", "type": "function_call", "status": status, "call_id": call["id"]}
+    return item | {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
 
 def status_of(end: dict) -> str:
@@ -208,7 +210,8 @@ async def stream_events(hive: Hive, job_id: str, echo: dict) -> AsyncIterator[by
         async for type_, event in events:
             if type_ == "gap":  # no way to say "text missing here": the stream ends clearly instead
                 lost = event["last"] - event["first"] + 1
-                frames = stream.fail("EVENTS_LOST", f"a Redis failover lost {lost} events of this stream; the whole output is at /v1/inference/{job_id}")
+                message = f"a Redis failover lost {lost} events of this stream; the whole output is at /v1/inference/{job_id}"
+                frames = stream.fail("EVENTS_LOST", message)
             elif type_ in ("end", "error"):
                 failure = job_failure(type_, event)
                 if failure is not None:
@@ -246,8 +249,8 @@ async def create_response(request: Request) -> Response:
     if failed is not None:
         return failed
     [choice] = choices
-    counts = await usage(hive, [job_id])
-    return JSONResponse(response_object(job_id, created_at, echo, status_of(choice.end[1]), output_items(choice), response_usage(counts)), headers=headers)
+    counts = response_usage(await usage(hive, [job_id]))
+    return JSONResponse(response_object(job_id, created_at, echo, status_of(choice.end[1]), output_items(choice), counts), headers=headers)
 
 
 routes = [Route("/v1/responses", create_response, methods=["POST"])]

@@ -30,7 +30,19 @@ UNSUPPORTED = {
     "top_logprobs": ((None, 0), "not supported on /v1/responses (use /v1/chat/completions)"),
 }
 #: Hive's own fields, passed on as chat's (``extra_body=`` with the openai client).
-PASSED_ON = ("temperature", "top_p", "seed", "top_k", "stop", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "revision", "keep_alive")
+PASSED_ON = (
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "revision",
+    "keep_alive",
+)
 TEXT_PARTS = ("input_text", "output_text")
 
 
@@ -106,7 +118,8 @@ def messages_of(params: ResponsesParams) -> tuple[list[dict], list[str]]:
         field = f"input.{k}"
         if item.type == "message":
             if item.role not in ("user", "system", "developer", "assistant"):
-                raise refusal(f"{field}.role", f"{item.role!r} is not a role of a message (user, system, developer, assistant)", "INVALID_REQUEST")
+                message = f"{item.role!r} is not a role of a message (user, system, developer, assistant)"
+                raise refusal(f"{field}.role", message, "INVALID_REQUEST")
             role = "system" if item.role == "developer" else item.role
             messages.append({"role": role, "content": text_of(item.content, f"{field}.content")})
         elif item.type == "function_call":
@@ -124,8 +137,8 @@ def messages_of(params: ResponsesParams) -> tuple[list[dict], list[str]]:
                 raise refusal(field, "a function_call_output item has call_id and output", "INVALID_REQUEST")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output, f"{field}.output")})
         else:
-            detail = STATELESS if item.type == "item_reference" else "only message, function_call and function_call_output items are supported"
-            raise refusal(f"{field}.type", f"{item.type} items are not supported: {detail}")
+            why = STATELESS if item.type == "item_reference" else "only message, function_call and function_call_output items are supported"
+            raise refusal(f"{field}.type", f"{item.type} items are not supported: {why}")
         sources.append(field)
     return messages, sources
 
