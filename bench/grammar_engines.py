@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.doc import replace_section
@@ -250,9 +251,26 @@ def timed(call, *args):
     return time.perf_counter() - start, result
 
 
+@contextmanager
+def native_stderr(lines: list[str]):
+    """What native code writes to stderr meanwhile (xgrammar's C++ warnings), into ``lines``."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+") as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines.extend(captured.read().splitlines())
+
+
 def measure_compiles(engines: list, corpus, runs: int) -> dict:
-    """Per engine: compile seconds, compile + first mask seconds, and refusals {name: why}."""
-    results = {e.name: {"compile": [], "first_mask": [], "refused": {}} for e in engines}
+    """Per engine: compile seconds, compile + first mask seconds, seconds by schema,
+    refusals {schema: why} and warnings {schema: {warning}}."""
+    results = {e.name: {"compile": [], "first_mask": [], "by_schema": {}, "refused": {}, "warned": {}} for e in engines}
     for run in range(runs):
         for entry in corpus:
             schema = renamed(entry.schema, f"_{run}")
@@ -261,12 +279,17 @@ def measure_compiles(engines: list, corpus, runs: int) -> dict:
                 key = f"{entry.category}/{entry.name}"
                 if key in result["refused"]:
                     continue
+                warnings: list[str] = []
                 try:
-                    seconds, matcher = timed(engine.compile_schema, schema)
+                    with native_stderr(warnings):
+                        seconds, matcher = timed(engine.compile_schema, schema)
                 except Refused as e:
                     result["refused"][key] = str(e).strip().splitlines()[0][:160]
                     continue
+                if warnings:
+                    result["warned"].setdefault(key, set()).update(w.split("Warning: ", 1)[-1] for w in warnings)
                 result["compile"].append(seconds)
+                result["by_schema"].setdefault(key, []).append(seconds)
                 result["first_mask"].append(seconds + timed(engine.mask, matcher)[0])
     return results
 
@@ -293,7 +316,7 @@ def allowed_ids(bitmask, vocab: int):
     return np.flatnonzero(bits)
 
 
-def random_walk(engines: list, matchers: list, vocab: int, rng: random.Random) -> tuple[list[list[float]], str]:
+def random_walk(engines: list, matchers: list, vocab: int, eos: int, rng: random.Random) -> tuple[list[list[float]], str]:
     """Mask seconds per token (the first mask left out: compile's), each engine; how the walk ended."""
     times: list[list[float]] = [[] for _ in engines]
     for step in range(WALK_TOKENS):
@@ -310,23 +333,24 @@ def random_walk(engines: list, matchers: list, vocab: int, rng: random.Random) -
         if not all(engine.accept(m, token) for engine, m in zip(engines, matchers)):
             return times, "diverged"
         finished = [engine.done(m) for engine, m in zip(engines, matchers)]
-        if all(finished):
-            return times, "complete"
         if any(finished):
-            return times, "diverged"
+            # llguidance stops once nothing but EOS may follow; xgrammar once it took EOS.
+            others = [(engine, m) for engine, m, done in zip(engines, matchers, finished) if not done]
+            complete = all(engine.accept(m, eos) and engine.done(m) for engine, m in others)
+            return times, "complete" if complete else "diverged"
     return times, f"{WALK_TOKENS} tokens"
 
 
-def measure_walks(engines: list, corpus, tools: list[dict], walks: int, vocab: int) -> dict:
+def measure_walks(engines: list, corpus, tools: list[dict], walks: int, vocab: int, eos: int) -> dict:
     """{case: {engine: [seconds per token]}, "ends": {case: [how each walk ended]}}."""
     by_name = {f"{e.category}/{e.name}": e.schema for e in corpus}
     cases = {name: (lambda engine, s=by_name[name]: engine.compile_schema(s)) for name in WALK_SCHEMAS}
     cases[TOOLS_WALK] = lambda engine: engine.compile_tools(tools)
-    results: dict = {"ends": {}}
+    results: dict = {"ends": {}, "engines": [e.name for e in engines]}
     for case, compile_case in cases.items():
         for seed in range(walks):
             matchers = [compile_case(engine) for engine in engines]
-            times, end = random_walk(engines, matchers, vocab, random.Random(seed))
+            times, end = random_walk(engines, matchers, vocab, eos, random.Random(seed))
             for engine, seconds in zip(engines, times):
                 results.setdefault(case, {}).setdefault(engine.name, []).extend(seconds)
             results["ends"].setdefault(case, []).append(end)
@@ -361,20 +385,37 @@ def report(facts: dict, compiles: dict, tools: dict, walks: dict, corpus_size: i
     lines += ["", f"{TOOLS} tools, `tool_choice: \"required\"`, hermes format, {facts['tool_runs']} runs:", "", *head]
     lines += compile_rows(tools)
     lines += ["", f"Mask per token along {facts['walks']} random walks per case (≤ {WALK_TOKENS} tokens; the first mask left out):", ""]
-    names = list(compiles)
+    names = walks["engines"]
     lines += ["| case | tokens | walks ended | " + " | ".join(f"{n} median / p99 (µs)" for n in names) + " |", "| --- " * (3 + len(names)) + "|"]
     for case, per_engine in walks.items():
-        if case == "ends":
+        if case in ("ends", "engines"):
             continue
         ends = walks["ends"][case]
         summary = ", ".join(f"{ends.count(e)} {e}" for e in sorted(set(ends)))
         cells = [f"{statistics.median(per_engine[n]) * 1e6:.0f} / {p99(per_engine[n]) * 1e6:.0f}" if per_engine.get(n) else "–" for n in names]
         lines.append(f"| {case} | {len(per_engine[names[0]])} | {summary} | " + " | ".join(cells) + " |")
-    refusals = []
+    notes = [""]
+    for name, result in compiles.items():
+        slowest = sorted(result["by_schema"].items(), key=lambda item: -statistics.median(item[1]))[:3]
+        notes.append(f"- {name}, slowest compiles (median): " + ", ".join(f"{k} {ms(statistics.median(v))} ms" for k, v in slowest))
     for name, result in [*compiles.items(), *tools.items()]:
         for schema, why in sorted(result["refused"].items()):
-            refusals.append(f"- {name} refuses {schema}: {why}")
-    return "\n".join(lines + ([""] + sorted(set(refusals)) if refusals else []))
+            notes.append(f"- {name} refuses {schema}: {why}")
+    warned: dict[str, set[str]] = {}
+    for name, result in compiles.items():
+        for schema, warnings in result["warned"].items():
+            for warning in warnings:
+                warned.setdefault(f"{name.split(',')[0]} warns (and compiles): {warning}", set()).add(schema)
+    notes += [f"- {warning}: {len(schemas)} schemas ({', '.join(sorted(schemas)[:4])}{', …' if len(schemas) > 4 else ''})" for warning, schemas in sorted(warned.items())]
+    if len(compiles) > 1:
+        llg, xgr = list(compiles.values())[:2]
+        compiled = [k for k in llg["refused"] if k not in xgr["refused"]]
+        silent = [k for k in compiled if k not in xgr["warned"]]
+        notes.append(
+            f"- of the {len(llg['refused'])} schemas llguidance refuses, xgrammar compiles {len(compiled)}: "
+            f"{len(compiled) - len(silent)} with a warning, {len(silent)} without a word ({', '.join(sorted(silent))})"
+        )
+    return "\n".join(lines + sorted(set(notes), key=notes.index))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -412,7 +453,7 @@ def main(argv: list[str] | None = None) -> str:
         tool_compiles = measure_tools(engines, tools, args.tool_runs)
         print("tool compiles done", flush=True)
         walkers = engines[:2]  # xgrammar's cache does not touch its masks: one xgrammar walks
-        walks = measure_walks(walkers, corpus, tools, args.walks, vocab)
+        walks = measure_walks(walkers, corpus, tools, args.walks, vocab, tokenizer.eos_token_id)
     facts["seconds"] = time.perf_counter() - start
     facts["vocab"], facts["corpus_bytes"] = vocab, corpus_bytes
     text = report(facts, compiles, tool_compiles, walks, len(corpus))

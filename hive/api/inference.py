@@ -62,7 +62,7 @@ async def accept_job(request: Request, spec_type: type[InferenceRequest] | type[
     except ValidationError as e:
         raise validation_error(e) from e
     if isinstance(spec, InferenceRequest):
-        check_schemas(spec)
+        await check_schemas(spec)
     submitted, headers, idempotency_key = await admit(request, spec, body, principal.owner)
     job_id = submitted.job_id
     urls = job_urls(job_id, hive.auth.stream_token(job_id) if hive.auth.enabled else None)

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hive.api.bodies import validation_error
 from hive.api.errors import ApiError
-from hive.api.schemas import check_schemas
 from shared.spec import InferenceRequest
 
 #: OpenAI's default is "until the model stops or its context is full": Hive's own
@@ -129,7 +128,7 @@ class CompletionParams(CommonParams):
 
 def parse(body: object, params_type: type[CommonParams]) -> tuple[CommonParams, InferenceRequest]:
     """OpenAI's request as the job it asks for (one per choice: ``n``); ApiError (400)
-    when Hive cannot honour it."""
+    when Hive cannot honour it. Its schemas are checked after (``check_schemas``), off the event loop."""
     if not isinstance(body, dict):
         raise ApiError(400, "INVALID_REQUEST", "the body must be a JSON object")
     for name, neutral in UNSUPPORTED.items():
@@ -172,8 +171,6 @@ def parse(body: object, params_type: type[CommonParams]) -> tuple[CommonParams, 
     if params.stop is not None:
         fields["stop"] = [params.stop] if isinstance(params.stop, str) else params.stop
     try:
-        spec = InferenceRequest.model_validate(fields)
+        return params, InferenceRequest.model_validate(fields)
     except ValidationError as e:
         raise validation_error(e) from e
-    check_schemas(spec)
-    return params, spec

@@ -28,8 +28,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hive.api.bodies import read_json_body
+from hive.api.errors import ApiError
+from hive.api.schemas import check_schemas
 from hive.api.state import Hive, hive_of
-from hive.openai.responses_params import ResponsesParams, parse_responses
+from hive.openai.responses_params import ResponsesParams, parse_responses, renamed
 from hive.openai.routes import event_stream, failure_response, follow_to_end, job_events, job_failure, openai_errors, submit_choices, usage
 from hive.openai.shapes import Choice
 from shared.spec import InferenceRequest
@@ -237,6 +239,10 @@ async def create_response(request: Request) -> Response:
     principal = hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     params, spec = parse_responses(body)
+    try:
+        await check_schemas(spec)
+    except ApiError as e:
+        raise renamed(e, []) from None
     [job_id], headers = await submit_choices(request, spec, 1, body, principal.owner)
     echo = echoed(params, spec)
     if params.stream:

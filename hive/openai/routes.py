@@ -32,7 +32,9 @@ from starlette.routing import Route
 from hive.api.admission import admit, answered
 from hive.api.bodies import read_json_body
 from hive.api.errors import ApiError
+from hive.api.schemas import check_schemas
 from hive.api.state import Hive, hive_of
+from hive.jobs.service import JobFinished, JobNotFound
 from hive.jobs.submit import NotReplicated
 from hive.openai.params import ChatParams, CommonParams, CompletionParams, parse
 from hive.openai.shapes import CHAT, FINISH_REASONS, TEXT, Choice, Flavour, chunk_choice, final_chunk_choice, role_chunk_choice
@@ -241,11 +243,20 @@ async def follow_to_end(request: Request, hive: Hive, job_ids: list[str]) -> lis
 async def submit_choices(request: Request, spec: InferenceRequest, n: int, body: object, owner: str) -> tuple[list[str], dict]:
     """The ``n`` jobs of one request: ``(job ids, the answer's headers)``. Each choice
     samples on its own generator: with a ``seed``, choice k uses ``seed + k``."""
+    hive = hive_of(request)
     job_ids, headers = [], {}
     for k in range(n):
         choice_spec = spec if k == 0 or spec.seed is None else spec.model_copy(update={"seed": (spec.seed + k) % 2**63})
-        # A replayed Idempotency-Key follows the first request's jobs, from their start.
-        submitted, admit_headers, idempotency_key = await admit(request, choice_spec, body, owner, openai=True, choice=k)
+        try:
+            # A replayed Idempotency-Key follows the first request's jobs, from their start.
+            submitted, admit_headers, idempotency_key = await admit(request, choice_spec, body, owner, openai=True, choice=k)
+        except ApiError:
+            # Choice k was refused (429: the queue or the key's limit): the answer is that
+            # refusal, so the choices already queued would run for nobody.
+            for job_id in job_ids:
+                with contextlib.suppress(JobNotFound, JobFinished):
+                    await hive.jobs.cancel(job_id)
+            raise
         if not submitted.replayed:
             await answered(request, owner, idempotency_key, {"job_id": submitted.job_id})
         job_ids.append(submitted.job_id)
@@ -284,6 +295,7 @@ async def answer(request: Request, params_type: type[CommonParams], flavour: Fla
     principal = hive.auth.authenticate(request)
     body = await read_json_body(request, hive.settings.max_body_bytes)
     params, spec = parse(body, params_type)
+    await check_schemas(spec)
     job_ids, headers = await submit_choices(request, spec, params.n or 1, body, principal.owner)
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import instructor
 from openai import OpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Sky(enum.Enum):
@@ -25,6 +25,10 @@ class Sky(enum.Enum):
 
 class Forecast(BaseModel):
     """The weather in a city."""
+
+    # Closed (additionalProperties: false): an open object lets the grammar add keys of
+    # any length, which a model with random weights writes until max_tokens.
+    model_config = ConfigDict(extra="forbid")
 
     city: str = Field(max_length=12)
     temperature_c: int = Field(ge=-40, le=50)

@@ -12,7 +12,7 @@ import os
 from importlib.metadata import version
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import Agent
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
@@ -20,6 +20,10 @@ from pydantic_ai.providers.openai import OpenAIProvider
 
 class Forecast(BaseModel):
     """The weather in a city."""
+
+    # Closed (additionalProperties: false): an open object lets the grammar add keys of
+    # any length, which a model with random weights writes until max_tokens.
+    model_config = ConfigDict(extra="forbid")
 
     city: str = Field(max_length=12)
     temperature_c: int = Field(ge=-40, le=50)
