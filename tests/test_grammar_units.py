@@ -119,11 +119,15 @@ def test_free_text_without_the_trigger_is_content(tokenizer):
     assert "".join(parts) == "Hello <tool_call? no: <tool_c" and not reader.calls
 
 
-def test_a_template_without_a_tool_format_is_refused(tokenizer):
+def test_a_template_without_a_tool_format_is_refused():
+    tokenizer = build_tokenizer()
     with pytest.raises(ToolsNotSupported):
         tool_format_of(tokenizer)
     tokenizer.chat_template = TOOL_CHAT_TEMPLATE
     assert tool_format_of(tokenizer).name == "hermes"
+    # Llama 3.1's words, as its template says them.
+    tokenizer.chat_template = """{{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}"""
+    assert tool_format_of(tokenizer).name == "llama3_json"
 
 
 def test_bias_then_penalties_as_openai_and_transformers_define_them():

@@ -1,5 +1,5 @@
 """LangChain's ChatOpenAI against a hive: structured output (its default method, a strict
-json_schema response_format, or a forced function call) and a tool bound with a forced choice.
+json_schema response_format, or a forced strict function call) and a tool bound with a forced choice.
 
 Run with the client venv's python (tests/test_clients.py) as ``langchain_openai_tools.py CASE``,
 CASE one of ``json_schema``, ``function_calling``, ``bind_tools_any``, ``bind_tools_named``.
@@ -45,6 +45,8 @@ def get_weather(city: str, unit: str) -> str:
     return f"21 degrees {unit} in {city}"
 
 
+# strict=True for function calls: without it LangChain drops additionalProperties from the
+# tool's schema, and an open object lets a random model add keys until max_tokens.
 case = sys.argv[1]
 llm = ChatOpenAI(base_url=f"{os.environ['HIVE_URL']}/v1", api_key="x", model=os.environ["HIVE_MODEL"], max_tokens=300, seed=1, max_retries=0)
 question = "The weather in Paris, please."
