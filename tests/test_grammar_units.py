@@ -141,3 +141,59 @@ def test_bias_then_penalties_as_openai_and_transformers_define_them():
     # 2: once, negative: ×2 after the penalties; 3: in the prompt only: ÷2; 4: untouched.
     assert out.tolist() == pytest.approx([4.0, (2.0 - 1.0 - 0.25) / 2, (-2.0 - 0.5 - 0.25) * 2, 2.0, 1.0])
     assert logits.tolist() == [1.0, 2.0, -2.0, 4.0, 1.0]  # the batch's row is left as it was
+
+
+class _Silent:
+    """A reporter and metrics that drop everything: the engine runs without Redis."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def token_commands(self, token) -> list[bytes]:
+        return []
+
+
+class _Refusing:
+    """A grammar that breaks on its second token (what an engine bug would do)."""
+
+    finished = False
+
+    def __init__(self):
+        self.seen = 0
+
+    def allowed(self, logits) -> None:
+        pass
+
+    def accept(self, token_id: int) -> None:
+        self.seen += 1
+        if self.seen == 2:
+            raise RuntimeError("the grammar refused token")
+
+
+def test_a_row_whose_sampling_fails_ends_its_job_alone(tmp_path):
+    """One job's grammar (or penalties) failing ends that job with its error; the
+    batch's other jobs go on to their end."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import build_model
+    from worker.engine.running_job import RunningJob
+    from worker.engine.sequence import Sequence
+    from worker.engine.step_loop import Engine
+
+    folder = build_model(tmp_path / "m")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), build_tokenizer()
+    engine = Engine(model, "units", None, 4, lambda: 1 << 40, _Silent())
+    try:
+        jobs = []
+        for k, constraint in enumerate([_Refusing(), None]):
+            job = RunningJob(str(k), "units", reporter=_Silent())
+            job.sequence = Sequence(model, tokenizer, [1, 2, 3], SamplingParams(max_tokens=6, temperature=0), frozenset(), constraint)
+            engine.add_job(job)
+            jobs.append(job)
+        for job in jobs:
+            assert job.done.wait(60)
+    finally:
+        engine.stop()
+    broken, fine = jobs
+    assert isinstance(broken.outcome.error, RuntimeError) and broken.tokens == 2
+    assert fine.outcome.error is None and fine.outcome.stop_reason == "max_tokens" and fine.tokens == 6

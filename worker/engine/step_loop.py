@@ -183,14 +183,15 @@ class Engine:
     def _changed(self) -> None:
         self._metrics.batch_changed(self.name, self.running, self.batch.allocated_bytes)
 
-    def _leave(self, leaving: list[tuple[Row, str]]) -> None:
-        """Slots leave the batch, and their jobs' threads take over with ``why``."""
+    def _leave(self, leaving: list[tuple[Row, str | Exception]]) -> None:
+        """Slots leave the batch, and their jobs' threads take over with ``why``: a stop
+        reason, or the error that ended the job alone."""
         self._writer.flush()  # their last tokens are in Redis before their threads write the end
         for row, _ in leaving:
             self.batch.remove(row)
         self.scheduler.shrink(self.batch)
         for row, why in leaving:
-            row.owner.end(Outcome(why))
+            row.owner.end(Outcome(why) if isinstance(why, str) else Outcome(error=why))
         self._changed()
 
     def _leave_stopped(self) -> None:
@@ -234,7 +235,7 @@ class Engine:
         self._metrics.sent(len(commands))
 
     @staticmethod
-    def _sample(jobs: list[RunningJob], logits: torch.Tensor, commands: list[bytes]) -> tuple[list[int], list[tuple[int, str]]]:
+    def _sample(jobs: list[RunningJob], logits: torch.Tensor, commands: list[bytes]) -> tuple[list[int], list[tuple[int, str | Exception]]]:
         """One token per job from its logits row, handed to its sequence and packed
         into ``commands``; returns the ids, and (index, stop reason) of those that ended."""
         greedy = logits.argmax(-1).tolist()  # one call for the whole batch
@@ -242,9 +243,17 @@ class Engine:
         ids, stops = [], []
         for k, job in enumerate(jobs):
             sequence = job.sequence
-            token_id = greedy[k] if sequence.plain else sequence.sample(logits[k])
+            token_id = greedy[k]
+            try:
+                if not sequence.plain:
+                    token_id = sequence.sample(logits[k])
+                step = sequence.accept(token_id)
+            except Exception as e:  # one row's sampling (its grammar, its penalties) ends its job, not the batch
+                log.exception("job %s: sampling failed; ending it alone", job.job_id)
+                ids.append(token_id)
+                stops.append((k, e))
+                continue
             ids.append(token_id)
-            step = sequence.accept(token_id)
             if step.i == 0:
                 job.first_at = now
             job.pieces.append(step.text)
