@@ -161,8 +161,8 @@ class _Refusing:
     def __init__(self):
         self.seen = 0
 
-    def allowed(self, logits) -> None:
-        pass
+    def fill(self, mask) -> None:
+        mask.fill_(-1)  # every token allowed
 
     def accept(self, token_id: int) -> None:
         self.seen += 1

@@ -108,18 +108,22 @@ class Sequence:
         params = self.params
         return params.greedy and self.constraint is None and not params.penalized and not params.logprobs
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor, masked: torch.Tensor | None = None) -> int:
         """The next token from this sequence's logits row (1-D), processed as
-        worker/engine/sampling.py orders it."""
+        worker/engine/sampling.py orders it; ``masked``: the row with the grammar's
+        mask already applied (the engine masks its rows together). Penalties after
+        the mask give what they would before it: a forbidden token stays -inf."""
         params = self.params
         raw = logits
+        if self.constraint is not None and masked is None:
+            masked = logits.float().clone()
+            self.constraint.allowed(masked)
+        if masked is not None:
+            logits = masked
         if params.penalized:
             if self._penalties is None:
                 self._penalties = Penalties(params, self.prompt_ids, logits.shape[-1], logits.device)
             logits = self._penalties.apply(logits)
-        if self.constraint is not None:
-            logits = logits.float().clone() if logits is raw else logits
-            self.constraint.allowed(logits)
         token_id = sample_next(logits, params, self.generator)
         if params.logprobs:
             self._logprobs = logprob_item(raw, token_id, params.top_logprobs, lambda t: token_bytes(self._tokenizer, t))

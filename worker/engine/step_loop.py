@@ -31,6 +31,7 @@ from worker.engine.running_job import Outcome, RunningJob
 from worker.engine.scheduler import Scheduler
 from worker.engine.self_check import batch_for
 from worker.engine.step_writer import StepWriter
+from worker.grammar.constraint import apply_mask, masks_for
 
 log = logging.getLogger("worker.engine")
 
@@ -235,10 +236,22 @@ class Engine:
         self._metrics.sent(len(commands))
 
     @staticmethod
+    def _masked(jobs: list[RunningJob], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The rows of the jobs with a grammar, masked in one operation (their masks
+        are computed row by row, the logits touched once): index → masked row."""
+        constrained = [k for k, job in enumerate(jobs) if job.sequence.constraint is not None]
+        if not constrained:
+            return {}
+        rows = logits[constrained].float()
+        apply_mask(rows, masks_for([jobs[k].sequence.constraint for k in constrained], logits.shape[-1]))
+        return {k: rows[j] for j, k in enumerate(constrained)}
+
+    @staticmethod
     def _sample(jobs: list[RunningJob], logits: torch.Tensor, commands: list[bytes]) -> tuple[list[int], list[tuple[int, str | Exception]]]:
         """One token per job from its logits row, handed to its sequence and packed
         into ``commands``; returns the ids, and (index, stop reason) of those that ended."""
         greedy = logits.argmax(-1).tolist()  # one call for the whole batch
+        masked = Engine._masked(jobs, logits)
         now = time.perf_counter()
         ids, stops = [], []
         for k, job in enumerate(jobs):
@@ -246,7 +259,7 @@ class Engine:
             token_id = greedy[k]
             try:
                 if not sequence.plain:
-                    token_id = sequence.sample(logits[k])
+                    token_id = sequence.sample(logits[k], masked.get(k))
                 step = sequence.accept(token_id)
             except Exception as e:  # one row's sampling (its grammar, its penalties) ends its job, not the batch
                 log.exception("job %s: sampling failed; ending it alone", job.job_id)

@@ -60,8 +60,12 @@ class Constraint:
 
     def allowed(self, logits: torch.Tensor) -> None:
         """Sets the logits of every token the grammar forbids now to -inf, in place."""
-        self._matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
-        apply_mask(logits, self._mask[0])
+        self.fill(self._mask[0])
+        apply_mask(logits, self._mask)
+
+    def fill(self, mask: torch.Tensor) -> None:
+        """Writes the bitmask of what may come next into ``mask`` (a contiguous int32 row)."""
+        self._matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
@@ -74,18 +78,28 @@ class Constraint:
         return self._matcher.is_stopped()
 
 
-def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """-inf where ``mask`` (llguidance's bitmask, 32 tokens an int32) has a 0 bit.
-    By hand: llguidance.torch's version runs through torch.compile, which compiles
-    on its first call (seconds, and a C compiler on a CPU worker)."""
+def apply_mask(logits: torch.Tensor, masks: torch.Tensor) -> None:
+    """-inf where ``masks`` (llguidance's bitmasks, 32 tokens an int32, a row per
+    logits row) has a 0 bit, in place, for every row in one operation. By hand:
+    llguidance.torch's version runs through torch.compile, which compiles on its
+    first call (seconds, and a C compiler on a CPU worker)."""
     global _BITS
     if _BITS is None:
         _BITS = torch.arange(32, dtype=torch.int32)
-    bits = ((mask.unsqueeze(-1) >> _BITS) & 1).reshape(-1)[: logits.shape[-1]].to(logits.device, non_blocking=True)
-    if logits.shape[-1] > bits.numel():
-        logits[bits.numel() :] = float("-inf")
-        logits = logits[: bits.numel()]
-    logits.masked_fill_(bits == 0, float("-inf"))
+    width = logits.shape[-1]
+    bits = ((masks.unsqueeze(-1) >> _BITS) & 1).reshape(*masks.shape[:-1], -1)[..., :width].to(logits.device, non_blocking=True)
+    if width > bits.shape[-1]:  # ids past the tokenizer's: never allowed
+        logits[..., bits.shape[-1] :] = float("-inf")
+        logits = logits[..., : bits.shape[-1]]
+    logits.masked_fill_(bits.reshape(logits.shape) == 0, float("-inf"))
+
+
+def masks_for(constraints: list[Constraint], vocab_size: int) -> torch.Tensor:
+    """The bitmasks of several rows, one row each, for ``apply_mask`` in one go."""
+    masks = torch.empty((len(constraints), (vocab_size + 31) // 32), dtype=torch.int32)
+    for row, constraint in enumerate(constraints):
+        constraint.fill(masks[row])
+    return masks
 
 
 def compile_constraint(grammar: str, tokenizer, vocab_size: int, stop_ids: frozenset[int]) -> Constraint:
