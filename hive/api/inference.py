@@ -13,10 +13,9 @@ from starlette.routing import Route
 
 from hive.api.admission import admit, answered
 from hive.api.auth import Principal
-from hive.api.bodies import read_json_body, validation_error
+from hive.api.bodies import check_schemas, read_json_body, validation_error
 from hive.api.errors import ApiError
 from hive.api.openapi import openapi_schema
-from hive.api.schemas import check_schemas
 from hive.api.state import hive_of
 from hive.jobs.service import JobFinished, JobNotFound
 from hive.streams.sse import SHUTDOWN_GRACE_S, JobEventStream

@@ -27,9 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from hive.api.bodies import read_json_body
+from hive.api.bodies import check_schemas, read_json_body
 from hive.api.errors import ApiError
-from hive.api.schemas import check_schemas
 from hive.api.state import Hive, hive_of
 from hive.openai.responses_params import ResponsesParams, parse_responses, renamed
 from hive.openai.routes import event_stream, failure_response, follow_to_end, job_events, job_failure, openai_errors, submit_choices, usage

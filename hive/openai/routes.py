@@ -30,9 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hive.api.admission import admit, answered
-from hive.api.bodies import read_json_body
+from hive.api.bodies import check_schemas, read_json_body
 from hive.api.errors import ApiError
-from hive.api.schemas import check_schemas
 from hive.api.state import Hive, hive_of
 from hive.jobs.service import JobFinished, JobNotFound
 from hive.jobs.submit import NotReplicated

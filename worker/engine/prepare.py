@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-from shared.json_grammar import UnsupportedSchema
 from shared.spec import InferenceRequest, Message
 from worker.engine.sampling import SamplingParams
 from worker.engine.sequence import Sequence, eos_ids
@@ -96,7 +95,7 @@ def sampling_params(request: InferenceRequest, vocab: int) -> SamplingParams:
 
 def prepare_sequence(model, tokenizer, request: InferenceRequest) -> Sequence:
     """The job's sequence; InvalidRequest, ToolsNotSupported or UnsupportedSchema
-    (all answered 400) for what the model cannot do as asked."""
+    (shared/json_grammar.py; all answered 400) for what the model cannot do as asked."""
     text = prompt_text(tokenizer, request)
     prompt_ids = encode_prompt(tokenizer, request, text)
     vocab = logits_width(model)
@@ -104,14 +103,7 @@ def prepare_sequence(model, tokenizer, request: InferenceRequest) -> Sequence:
     fmt: ToolFormat | None = tool_format_of(tokenizer) if request.tool_mode != "none" else None
     thinking = "open" if text is not None and opens_thinking(text) else "may" if text is not None and may_think(tokenizer) else ""
     grammar = grammar_for(request, fmt, thinking)
-    constraint = None
-    if grammar is not None:
-        try:
-            constraint = compile_constraint(grammar, tokenizer, vocab, stop_ids)
-        except UnsupportedSchema:
-            raise
-        except (ValueError, RuntimeError) as e:  # llguidance refused to build it
-            raise UnsupportedSchema(str(e)) from e
+    constraint = compile_constraint(grammar, tokenizer, vocab, stop_ids) if grammar is not None else None
     params = sampling_params(request, vocab)
     if params.logprobs:
         ll_tokenizer(tokenizer, vocab, stop_ids)  # each token's exact bytes, built here rather than in a step
