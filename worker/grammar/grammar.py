@@ -41,14 +41,9 @@ def _calls_rules(request: InferenceRequest, fmt: ToolFormat, after_trigger: bool
     tools = request.tools
     if request.tool_mode == "named":
         tools = [t for t in tools if t.function.name == request.tool_choice.function.name]
-    rules = []
-    names = []
-    for k, tool in enumerate(tools):
-        function = tool.function
-        head = fmt.head_for(function.name)
-        rules.append(f"fn_{k}: {_literal(head)} {json_rule(function.parameters, bool(function.strict))} {_literal(fmt.closer)}")
-        names.append(f"fn_{k}")
-    one = " | ".join(names)
+    arguments = [json_rule(tool.function.parameters, bool(tool.function.strict)) for tool in tools]
+    rules = [f"fn_{k}: {_literal(fmt.head_for(tool.function.name))} {arguments[k]} {_literal(fmt.closer)}" for k, tool in enumerate(tools)]
+    one = " | ".join(f"fn_{k}" for k in range(len(tools)))
     # The first call, from where the trigger leaves off.
     first_text = fmt.begin + fmt.opener
     if after_trigger:
@@ -58,9 +53,7 @@ def _calls_rules(request: InferenceRequest, fmt: ToolFormat, after_trigger: bool
         firsts = []
         for k, tool in enumerate(tools):
             head = fmt.head_for(tool.function.name)[len(fmt.trigger) :]
-            rules.append(
-                f"first_{k}: {_literal(head)} {json_rule(tool.function.parameters, bool(tool.function.strict))} {_literal(fmt.closer)}"
-            )
+            rules.append(f"first_{k}: {_literal(head)} {arguments[k]} {_literal(fmt.closer)}")
             firsts.append(f"first_{k}")
         first = "(" + " | ".join(firsts) + ")"
     else:
@@ -83,12 +76,11 @@ def _answer(request: InferenceRequest, fmt: ToolFormat | None) -> tuple[str, lis
     if mode in ("required", "named"):
         return "calls", _calls_rules(request, fmt, after_trigger=False)
     if mode == "auto":
-        rules = _calls_rules(request, fmt, after_trigger=True)
-        trigger = fmt.trigger
         if json_answer is not None:
             # The answer is the JSON, or calls: the first token decides.
             return "(json_answer | calls)", [f"json_answer: {json_answer}", *_calls_rules(request, fmt, after_trigger=False)]
-        rules += [f"trigger[lazy]: TEXT {_literal(trigger)}", _FREE_TEXT.replace("{trigger}", _regex_escape(trigger))]
+        rules = _calls_rules(request, fmt, after_trigger=True)
+        rules += [f"trigger[lazy]: TEXT {_literal(fmt.trigger)}", _FREE_TEXT.replace("{trigger}", _regex_escape(fmt.trigger))]
         return "(TEXT | trigger calls)", rules
     if json_answer is not None:
         return "json_answer", [f"json_answer: {json_answer}"]
