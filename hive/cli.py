@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -35,6 +36,13 @@ KeepAlive = Annotated[
     typer.Option(envvar="HIVE_KEEP_ALIVE", help="Unload a model this long after its last job (30s, 5m, 1h; 0: at once; -1: never)."),
 ]
 JobTtl = Annotated[int, typer.Option(envvar="HIVE_JOB_TTL_S", min=1, help="Job records and replay logs expire this long after the job ends.")]
+
+
+class PrefixScope(str, Enum):
+    key = "key"
+    shared = "shared"
+
+
 HiveUrl = Annotated[str, typer.Option("--url", envvar="HIVE_URL", help="The hive to talk to.")]
 ApiKey = Annotated[str, typer.Option(envvar="HIVE_API_KEY", help="API key for a hive that wants one.", show_default=False)]
 
@@ -216,6 +224,13 @@ def worker(
     keep_alive: KeepAlive = "5m",
     max_batch: Annotated[int, typer.Option(envvar="HIVE_MAX_BATCH", min=0, max=1024, help="Jobs run at once, batched per model (0: 32 on CPU, 64 on CUDA; 1: one at a time).")] = 0,
     metrics_port: Annotated[int, typer.Option(envvar="HIVE_METRICS_PORT", min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")] = 0,
+    prefix_cache: Annotated[
+        bool, typer.Option("--prefix-cache/--no-prefix-cache", envvar="HIVE_PREFIX_CACHE", help="Reuse the keys and values of prompt prefixes computed before.")
+    ] = True,
+    prefix_cache_scope: Annotated[
+        PrefixScope,
+        typer.Option(envvar="HIVE_PREFIX_CACHE_SCOPE", help="key: each API key reuses only its own prefixes (no timing tells one key of another's prompt); shared: all keys alike."),
+    ] = PrefixScope.key,
     job_ttl_s: JobTtl = keys.JOB_TTL_S,
     log_level: LogLevel = "info",
     check: Annotated[
@@ -247,6 +262,8 @@ def worker(
             keep_alive_s=keep_alive_s,
             max_batch=max_batch,
             metrics_port=metrics_port,
+            prefix_cache=prefix_cache,
+            prefix_cache_scope=prefix_cache_scope.value,
         )
     )
 

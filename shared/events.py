@@ -118,6 +118,8 @@ class End(Event):
     decode_time_ms: float
     ttft_ms: float
     stop_reason: str  # max_tokens | eos | stop_sequence | tool_calls | cancelled
+    #: Prompt tokens found in the worker's prefix cache rather than computed.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

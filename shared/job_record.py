@@ -47,6 +47,10 @@ OUTPUT = "output"
 #: The answer's tool calls, as OpenAI's JSON list ``[{id, type, function: {name, arguments}}]``.
 TOOL_CALLS = "tool_calls"
 PROMPT_TOKENS = "prompt_tokens"
+#: The prompt's prefix hashes (shared/prefix_affinity.py), comma-separated: the
+#: worker that takes the job off the shared queue becomes their affinity.
+PREFIXES = "prefixes"
+CACHED_TOKENS = "cached_tokens"  # of the prompt, found in the worker's prefix cache
 #: An embedding job's vector size; the vectors are under keys.job_embeddings (shorter-lived).
 EMBEDDING_DIM = "embedding_dim"
 ERROR_CODE = "error_code"
@@ -91,6 +95,7 @@ def status_view(job_id: str, record: dict[str, str]) -> dict:
             "total_ms": round((finished - created) * 1000, 1) if finished and created else None,
         },
         "prompt_tokens": _num(record.get(PROMPT_TOKENS)),
+        "cached_tokens": _num(record.get(CACHED_TOKENS)),
         "tokens_out": _num(record.get(TOKENS_OUT)),
         "stop_reason": record.get(STOP_REASON) or None,
         "max_tokens": spec.get("max_tokens"),

@@ -135,6 +135,18 @@ def idle_with(queue: str, model: str, revision: str | None) -> str:
     return f"{PREFIX}:idle:{queue}:{model}@{revision or 'main'}"
 
 
+def prefix_affinity(queue: str, prefix_hash: str) -> str:
+    """STRING: the worker of ``queue`` that last ran a job whose prompt starts with
+    the prefix hashed to ``prefix_hash`` (shared/prefix_affinity.py), with a TTL."""
+    return f"{PREFIX}:prefix:{queue}:{prefix_hash}"
+
+
+def prefix_spread(queue: str) -> str:
+    """STRING, a counter: which of the equally loaded workers a prompt whose prefix
+    no worker holds goes to (in turn)."""
+    return f"{PREFIX}:prefix-spread:{queue}"
+
+
 #: Pub/sub channel carrying the ids of models to delete from the workers' caches.
 MODEL_DELETE_CHANNEL = f"{PREFIX}:models:delete"
 

@@ -69,6 +69,12 @@ class Settings:
     #: Worker: jobs it runs at once, in one batch per model (continuous batching);
     #: 0: the device's default (worker/runtime.py); 1: one job at a time.
     max_batch: int = 0
+    #: Worker: keep the keys and values of computed prompt blocks for later prompts
+    #: that start alike (worker/engine/prefix_cache.py); and whose prompts may reuse
+    #: whose: ``key`` (each API key its own; the default, since a hit is faster and
+    #: timing would tell one key of another's prompt) or ``shared`` (every key alike).
+    prefix_cache: bool = True
+    prefix_cache_scope: str = "key"
     #: Worker: serve its Prometheus metrics on this port (0: off).
     metrics_port: int = 0
     #: Hive: the hub that ``/hub`` mirrors (pulls through on a miss); "" serves no ``/hub``.

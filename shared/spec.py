@@ -220,6 +220,9 @@ class InferenceRequest(BaseModel):
     #: False: at most one call per answer.
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    #: False: this job neither reuses cached prompt prefixes nor leaves its own for
+    #: later jobs (worker/engine/prefix_cache.py), as vLLM's per-request switch.
+    prefix_cache: bool = True
     #: Cancel the job when its last follower disconnects (default: keep running, the
     #: two-call pattern lets a client come back with Last-Event-ID).
     cancel_on_disconnect: bool = False

@@ -31,12 +31,20 @@ def submit(base_url: str, **body) -> dict:
     return response.json()
 
 
-def follow(base_url: str, sse_url: str, last_event_id: str | None = None, limit: int | None = None, timeout: float = 60) -> list[Received]:
-    """Reads the stream until ``[DONE]`` (included) or until ``limit`` events were read."""
+class Unavailable(Exception):
+    """The hive answered 503 with Retry-After (Redis unavailable): a client retries."""
+
+
+def follow(base_url: str, sse_url: str, last_event_id: str | None = None, limit: int | None = None, timeout: float = 60,
+           into: list[Received] | None = None) -> list[Received]:
+    """Reads the stream until ``[DONE]`` (included) or until ``limit`` events were read;
+    ``into``: the list they are appended to, which keeps them if the connection breaks."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
-    received: list[Received] = []
+    received: list[Received] = [] if into is None else into
     with httpx.Client(timeout=httpx.Timeout(10, read=timeout)) as client:
         with connect_sse(client, "GET", f"{base_url}{sse_url}", headers=headers) as source:
+            if source.response.status_code == 503 and "Retry-After" in source.response.headers:
+                raise Unavailable(source.response.read().decode())
             assert source.response.status_code == 200, (source.response.status_code, source.response.read())
             assert source.response.headers["content-type"].startswith("text/event-stream")
             for sse in source.iter_sse():

@@ -84,3 +84,66 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     for _ in range(20):  # past the sliding windows
         step({})
     assert fed == {"a": 11, "b": 32, "c": 30, "d": 30, "e": 21, "f": 21}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-window", "gemma2"])
+def test_prompts_found_in_the_prefix_cache_give_the_logits_computed_from_scratch(arch):
+    """Rows that copy cached blocks (a shared system prompt, a conversation's earlier
+    turn with its reply, a whole prompt) continue with the logits of the model alone;
+    another salt (API key) finds nothing; blocks outlive the row that left them."""
+    from worker.engine.batch import Batch
+    from worker.engine.prefix_cache import BLOCK_TOKENS
+    from worker.engine.self_check import batch_path
+
+    reference, model = _model(arch)
+    batch = Batch(model, batch_path(model), prefix_seed="test-model")
+    g = torch.Generator().manual_seed(2)
+    system = torch.randint(1, VOCAB, (40,), generator=g).tolist()  # two full blocks and a half
+    own = {k: torch.randint(1, VOCAB, (n,), generator=g).tolist() for k, n in {"a": 10, "b": 5, "other": 7}.items()}
+    extra = torch.randint(1, VOCAB, (100,), generator=g).tolist()  # what each row is fed after its prompt
+    a_prompt = system + own["a"]
+    prompts = {
+        "a": a_prompt,
+        "b": system + own["b"],  # shares the system prompt: 32 tokens cached
+        "a2": a_prompt + extra[:30] + [7, 8, 9],  # a's next turn: its prompt, its reply (decoded), more
+        "same": a_prompt[:48],  # three full blocks, all cached: the last token is still computed
+        "other": system + own["other"],  # another key: nothing cached
+    }
+    salts = {"a": "k1", "b": "k1", "a2": "k1", "same": "k1", "other": "k2"}
+    with torch.inference_mode():
+        expected = {k: reference(input_ids=torch.tensor([p + extra])).logits[0] for k, p in prompts.items()}
+    batch.reserve(4, 256)
+    rows, fed = {}, {}
+
+    def join(name):
+        rows[name] = batch.add(name, prompts[name], len(prompts[name]) + 60, salts[name])
+        fed[name] = 0
+        batch.reuse(rows[name])
+        return rows[name].cached
+
+    def step(chunks):
+        ready, logits = batch.forward({rows[k]: n for k, n in chunks.items()})
+        for row, logits_row in zip(ready, logits):
+            name = row.owner
+            position = len(prompts[name]) - 1 + fed[name]
+            torch.testing.assert_close(logits_row, expected[name][position], atol=2e-4, rtol=1e-4, msg=f"{name} at {position}")
+            batch.feed(row, extra[fed[name]])
+            fed[name] += 1
+
+    assert join("a") == 0
+    step({"a": len(prompts["a"])})
+    for _ in range(31):  # a holds 81 tokens: its reply fills blocks 4 and 5
+        step({})
+    assert join("b") == 2 * BLOCK_TOKENS
+    assert rows["b"].prompt_left == len(prompts["b"]) - 2 * BLOCK_TOKENS
+    assert join("other") == 0
+    step({"b": rows["b"].prompt_left, "other": 20})
+    step({"other": rows["other"].prompt_left})
+    batch.remove(rows["a"])  # a leaves: its blocks stay; the last row moves into its place
+    assert join("a2") == 5 * BLOCK_TOKENS  # the system prompt, a's question and 30 tokens of its reply
+    assert join("same") == 47  # never the last prompt token
+    step({"a2": rows["a2"].prompt_left, "same": 1})
+    for _ in range(12):
+        step({})
+    assert fed == {"a": 34, "b": 15, "other": 14, "a2": 13, "same": 13}
+    assert batch.prefix.hits == 32 + 80 + 47 and batch.prefix.queries == sum(len(p) for p in prompts.values())

@@ -127,7 +127,8 @@ def test_two_jobs_for_two_models_never_claim_the_same_idle_worker(pair):
         if all(models == ["acme/fleet-a", "acme/fleet-b"] for models in models_on(url).values()):
             break
         long = submit(url, model=model, prompt=PROMPT, max_tokens=400)
-        processes.wait_until(lambda: status(url, long["job_id"])["state"] == "running", 20, "a long job running")
+        # Queued, then loading on a worker: a busy CI machine has taken over 20 s for that.
+        processes.wait_until(lambda: status(url, long["job_id"])["state"] == "running", 60, f"long job {long['job_id']} running")
         follow(url, submit(url, model=model, prompt=PROMPT, max_tokens=2)["sse_url"])
         httpx.delete(f"{url}/v1/inference/{long['job_id']}")
         follow(url, long["sse_url"])

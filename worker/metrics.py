@@ -101,7 +101,16 @@ class WorkerMetrics:
 
         self.capacity = Gauge("hive_batch_capacity", "Jobs this worker runs at once (--max-batch).", registry=r)
         self.batch_size = Gauge("hive_batch_size", "Sequences in the model's batch now (prefilling or decoding).", ["model"], registry=r)
-        self.kv_cache_bytes = Gauge("hive_kv_cache_bytes", "Bytes the model's batch KV cache takes now.", ["model"], registry=r)
+        self.kv_cache_bytes = Gauge(
+            "hive_kv_cache_bytes", "Bytes the model's batch KV cache takes now (its rows and its cached prefix blocks).", ["model"], registry=r
+        )
+        self.kv_cache_used_bytes = Gauge("hive_kv_cache_used_bytes", "Bytes of the model's KV cache its live tokens hold.", ["model"], registry=r)
+        self.prefix_queries = Counter(
+            "hive_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model"], registry=r
+        )
+        self.prefix_hits = Counter(
+            "hive_prefix_cache_hits", "Prompt tokens found in the prefix cache (copied, not computed).", ["model"], registry=r
+        )
         self.token_commands = Counter(
             "hive_token_commands", "Redis commands the batches sent for tokens (two a token: XADD and PUBLISH).", registry=r
         )
@@ -113,6 +122,13 @@ class WorkerMetrics:
     def batch_changed(self, model: str, size: int, kv_bytes: int) -> None:
         self.batch_size.labels(model).set(size)
         self.kv_cache_bytes.labels(model).set(kv_bytes)
+
+    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int) -> None:
+        self.kv_cache_used_bytes.labels(model).set(used_bytes)
+        if prefix_queries:
+            self.prefix_queries.labels(model).inc(prefix_queries)
+        if prefix_hits:
+            self.prefix_hits.labels(model).inc(prefix_hits)
 
     def sent(self, commands: int) -> None:
         self.token_commands.inc(commands)

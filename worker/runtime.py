@@ -84,6 +84,7 @@ class WorkerRuntime:
         self.clock.start(wait_s=CLOCK_WAIT_S)
         self.models = LoadedModels(devices, settings.dtype, settings.max_memory, settings.keep_alive_s)
         self.models.kv_reserved = self._kv_bytes
+        self.models.reclaim_kv = self._reclaim
         self.running = RunningJobs(self.max_batch)
         self.cancels = CancelListener(connection, self.running)
         self.leases = LeaseRenewal(connection, self.clock, self.running, settings.job_ttl_s)
@@ -128,6 +129,17 @@ class WorkerRuntime:
             engines = [e for k, e in self._engines.items() if k != besides]
         return sum(e.kv_reserved for e in engines)
 
+    def _reclaim(self, nbytes: int, besides: tuple | None = None) -> int:
+        """Drops other models' cached prefix blocks (worker/engine/prefix_cache.py) to
+        free ``nbytes`` for a batch or a model to load; returns the bytes freed."""
+        with self._engines_lock:
+            engines = [e for k, e in self._engines.items() if k != besides]
+        freed = 0
+        for engine in engines:
+            if freed < nbytes:
+                freed += engine.reclaim(nbytes - freed)
+        return freed
+
     def engine_for(self, loaded: LoadedModel) -> Engine:
         with self._engines_lock:
             engine = self._engines.get(loaded.key)
@@ -142,6 +154,8 @@ class WorkerRuntime:
                     self.metrics,
                     self.settings.token_delay_ms / 1000,
                     lambda: sum(j.model == loaded.repo_id and j.phase == "taken" for j in self.running.active()),
+                    f"{loaded.repo_id}@{loaded.revision or 'main'}:{loaded.model.dtype}" if self.settings.prefix_cache else None,
+                    reclaim=lambda nbytes: self._reclaim(nbytes, besides=loaded.key),
                 )
                 self._engines[loaded.key] = engine
             return engine
@@ -153,7 +167,8 @@ class WorkerRuntime:
         self.running.add(job)
         try:
             rq_job = get_current_job()
-            self.presence.busy(job, routed_here=rq_job is not None and rq_job.origin == self.presence.own_queue)
+            routed_here = rq_job is not None and rq_job.origin == self.presence.own_queue
+            self.presence.busy(job, routed_here=routed_here)
             queue = self.settings.queue
             job.reporter = MeasuredReporter(
                 self.metrics,
@@ -167,6 +182,10 @@ class WorkerRuntime:
             )
             if job.reporter.cancelled_before_start:
                 job.cancelled.set()
+            if not routed_here and self.settings.prefix_cache and job.reporter.prefixes:
+                # Taken off the shared queue: this worker will hold the prompt's prefix
+                # (the submit script names the worker it routes a job to itself).
+                self.presence.hold_prefixes(job.reporter.prefixes)
             self._run_to_end(job, spec, kind)
         except REDIS_DOWN as e:
             self._after_outage(job, e)
@@ -297,6 +316,8 @@ class WorkerRuntime:
         reporter = job.reporter
         reporter.emit(Ready(load_ms, warm))
         job.sequence = prepare_sequence(loaded.model, loaded.tokenizer, request)
+        if request.prefix_cache:
+            job.cache_salt = reporter.owner if self.settings.prefix_cache_scope == "key" else ""
         prompt_tokens = len(job.sequence.prompt_ids)
         engine = self.engine_for(loaded)
         engine.check_fits_alone(job)  # before `started`: a job that can never fit fails now
@@ -364,7 +385,7 @@ class WorkerRuntime:
         decode_ms = round((job.ended_at - first_at) * 1000, 2)
         stop_reason = outcome.stop_reason
         job.reporter.finish(
-            End(count, decode_ms, ttft_ms, stop_reason),
+            End(count, decode_ms, ttft_ms, stop_reason, job.cached_tokens),
             JobState.cancelled if stop_reason == "cancelled" else JobState.completed,
             **{
                 job_record.OUTPUT: "".join(job.pieces),
@@ -374,6 +395,7 @@ class WorkerRuntime:
                 job_record.LOAD_MS: load_ms,
                 job_record.STOP_REASON: stop_reason,
                 job_record.PROMPT_TOKENS: prompt_tokens,
+                job_record.CACHED_TOKENS: job.cached_tokens,
                 **({job_record.TOOL_CALLS: tools.record_json()} if (tools := job.sequence.tool_calls) and tools.calls else {}),
             },
         )

@@ -36,6 +36,7 @@ from hive.jobs.submit_script import SUBMIT, WITHDRAW
 from shared import events, job_record, keys
 from shared.clock import RedisClock
 from shared.events import Queued
+from shared.prefix_affinity import AFFINITY_TTL_S, prefix_hashes
 from shared.settings import Settings
 from shared.spec import EmbeddingRequest, InferenceRequest, JobState, PullRequest
 
@@ -133,6 +134,7 @@ class Submitter:
         kind = "pull" if isinstance(request, PullRequest) else "embedding" if isinstance(request, EmbeddingRequest) else "inference"
         queue, model = self.settings.queue, request.model
         now = self.clock.now()
+        prefixes = prefix_hashes(request, owner) if kind == "inference" else []
         record = {
             job_record.SPEC: request.model_dump_json(),
             job_record.STATE: JobState.queued.value,
@@ -144,6 +146,7 @@ class Submitter:
             job_record.QUEUE: queue,
             job_record.KIND: kind,
             job_record.OWNER: owner,
+            job_record.PREFIXES: ",".join(prefixes),
         }
         rq_job = self._rq_job_fields(job_id, job_id, request.model_dump(mode="json"), kind)
         script_keys = [
@@ -172,6 +175,9 @@ class Submitter:
             "idem_state": "admitting",
             "idem_ttl": keys.ADMISSION_TTL_S,
             "owner": owner,
+            "prefix": [keys.prefix_affinity(queue, h) for h in prefixes],
+            "affinity_ttl": AFFINITY_TTL_S,
+            "spread_key": keys.prefix_spread(queue),
         }
         script_args = [
             self.settings.max_queue,

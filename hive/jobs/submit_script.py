@@ -14,7 +14,9 @@ the script is the contract between them, documented here beside it.
 # jobs (its hash, ARGV[5] .. name) less its claims (ARGV[21] .. name: jobs routed
 # to it that it has not yet counted as running, so neither a worker listed for two
 # models nor one taking a job off its queue right now is given more than it has
-# slots); the pick adds a claim.
+# slots); the pick adds a claim. Of those, the worker that last ran a prompt
+# starting alike (control.prefix: shared/prefix_affinity.py's keys, longest first)
+# goes first unless it is far busier; the pick becomes those prefixes' worker.
 # Dead or full entries are dropped on the way, and a worker whose last slot this
 # job takes; the worker lists itself again when a slot frees. The picked worker
 # gets the job on its own RQ queue (ARGV[10] .. name) and the job waits behind no
@@ -77,6 +79,7 @@ if for_model >= tonumber(ARGV[2]) then return {2, for_model} end
 local worker = ''
 if ARGV[12] == '1' then
   local best = -1
+  local free_of = {}
   for _, name in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, ARGV[6] - 1)) do
     local beat = redis.call('ZSCORE', KEYS[4], name)
     local free = -1
@@ -87,14 +90,47 @@ if ARGV[12] == '1' then
     end
     if free <= 0 then
       redis.call('ZREM', KEYS[3], name)  -- dead or full: it lists itself again when a slot frees
-    elseif free > best then
-      worker, best = name, free
+    else
+      free_of[name] = free
+      if free > best then worker, best = name, free end
+    end
+  end
+  -- Cache-aware: the worker that last ran a prompt starting alike (the longest cut
+  -- first), unless it has under half the free slots of the best. A dead worker's
+  -- affinity is dropped.
+  local followed = false
+  for _, key in ipairs(control.prefix) do
+    local name = redis.call('GET', key)
+    if name then
+      local beat = redis.call('ZSCORE', KEYS[4], name)
+      if not beat or tonumber(beat) < tonumber(ARGV[4]) then
+        redis.call('DEL', key)
+      elseif free_of[name] and 2 * free_of[name] >= best then
+        worker, best, followed = name, free_of[name], true
+        break
+      end
+    end
+  end
+  -- A prefix no worker holds: the least loaded, ties taken in turn (by name), so
+  -- that new prefixes spread over the workers' caches rather than pile onto one.
+  if not followed and #control.prefix > 0 then
+    local ties = {}
+    for name, free in pairs(free_of) do
+      if free == best then ties[#ties + 1] = name end
+    end
+    if #ties > 1 then
+      table.sort(ties)
+      worker = ties[redis.call('INCR', control.spread_key) % #ties + 1]
+      redis.call('EXPIRE', control.spread_key, control.affinity_ttl)
     end
   end
   if best == 1 then redis.call('ZREM', KEYS[3], worker) end  -- its last free slot
   if worker ~= '' then
     redis.call('INCR', ARGV[21] .. worker)
     redis.call('PEXPIRE', ARGV[21] .. worker, ARGV[22])
+    for _, key in ipairs(control.prefix) do
+      redis.call('SET', key, worker, 'EX', control.affinity_ttl)
+    end
   end
 end
 local rq_queue, position = ARGV[9], waiting + 1

@@ -42,6 +42,7 @@ PASSED_ON = (
     "repetition_penalty",
     "logit_bias",
     "response_format",
+    "prefix_cache",
 )
 
 
@@ -76,6 +77,7 @@ class CommonParams(BaseModel):
     repetition_penalty: float | None = None
     revision: str | None = None
     keep_alive: float | str | None = None
+    prefix_cache: bool | None = None
 
 
 class ContentPart(BaseModel):

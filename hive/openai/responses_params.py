@@ -42,6 +42,7 @@ PASSED_ON = (
     "logit_bias",
     "revision",
     "keep_alive",
+    "prefix_cache",
 )
 TEXT_PARTS = ("input_text", "output_text")
 

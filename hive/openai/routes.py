@@ -121,13 +121,21 @@ async def job_events(hive: Hive, job_id: str) -> AsyncIterator[tuple[str, dict]]
 
 async def usage(hive: Hive, job_ids: list[str]) -> dict:
     """The job records' counts, those their status shows, summed over the choices
-    (the prompt counts once: its jobs share it)."""
+    (the prompt counts once: its jobs share it; so do its cached tokens, the
+    fewest any choice found in the worker's prefix cache)."""
     prompt = completion = 0
+    cached: list[int] = []
     for job_id in job_ids:
         record = await hive.jobs.record(job_id) or {}
         prompt = int(record.get(job_record.PROMPT_TOKENS) or 0)
         completion += int(record.get(job_record.TOKENS_OUT) or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached.append(int(record.get(job_record.CACHED_TOKENS) or 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": min(cached, default=0)},
+    }
 
 
 def job_failure(type_: str, event: dict) -> tuple[str, str] | None:

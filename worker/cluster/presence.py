@@ -29,6 +29,7 @@ from rq import Queue as RQQueue
 
 from shared import keys
 from shared.clock import RedisClock
+from shared.prefix_affinity import AFFINITY_TTL_S
 from worker.engine.running_job import RunningJob, RunningJobs
 from worker.model.download_lock import lock_dir, lock_name
 from worker.model.loaded_models import LoadedModels, device_memory
@@ -128,6 +129,14 @@ class Presence:
                 pipe.zrem(keys.idle_with(self.queue, m.repo_id, m.revision), self.name)
             self._write(pipe)
             pipe.execute()
+
+    def hold_prefixes(self, prefixes: list[str]) -> None:
+        """This worker is where a job starting with these prefixes runs now
+        (shared/prefix_affinity.py): the hive routes the next alike here."""
+        pipe = self.redis.pipeline(transaction=False)
+        for prefix in prefixes:
+            pipe.set(keys.prefix_affinity(self.queue, prefix), self.name, ex=AFFINITY_TTL_S)
+        pipe.execute()
 
     def slot_freed(self, job: RunningJob) -> None:
         """``job`` gave its slot back (just before its end goes out): listed again

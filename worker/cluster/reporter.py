@@ -82,6 +82,7 @@ class JobReporter:
         pipe = connection.pipeline(transaction=True)
         pipe.xrevrange(self._log_key, count=1)
         pipe.exists(keys.job_cancel(job_id))
+        pipe.hmget(keys.job(job_id), job_record.OWNER, job_record.PREFIXES)
         pipe.expire(self._log_key, ttl_s)
         pipe.zadd(keys.RUNNING, {job_id: keys.lease_deadline(clock.now())})  # the lease, renewed by LeaseRenewal
         pipe.expire(keys.RUNNING, ttl_s)
@@ -89,11 +90,15 @@ class JobReporter:
             pipe.zrem(key, job_id)
         if fields:
             pipe.hset(keys.job(job_id), mapping=_record_fields(None, fields))
-        last, cancel_flag = pipe.execute()[:2]
+        last, cancel_flag, (owner, prefixes) = pipe.execute()[:3]
         # Go on from the last event in the log (the hive wrote `queued`).
         self.seq = events.seq_of(last[0][0]) if last else 0
         #: The job was cancelled before this worker took it.
         self.cancelled_before_start = bool(cancel_flag)
+        #: A digest of the API key that created the job ("" for none): its prefix-cache
+        #: salt; and its prompt's prefix hashes (shared/prefix_affinity.py).
+        self.owner = _text(owner)
+        self.prefixes = [h for h in _text(prefixes).split(",") if h]
 
     def emit(self, event: Event, state: JobState | None = None, **fields) -> None:
         """Appends and publishes ``event``; ``state`` and ``fields`` update the
@@ -158,3 +163,7 @@ class JobReporter:
         # The log shrinks about 10× for the job TTL it is kept (shared/events.py).
         self.redis.register_script(events.COMPACT_TOKENS)(keys=[self._log_key])
         return True
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""

@@ -14,12 +14,14 @@ paths through the same rows (``PATHS``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from worker.engine.kv_cache import KVCache, kv_bytes_per_token
 from worker.engine.packed_attention import Segment, StepLayout, use_packed_attention
+from worker.engine.prefix_cache import PrefixCache
 from worker.engine.recurrent_state import RecurrentState, cache_keyword, has_attention, is_recurrent
 
 #: How a model's batch computes a step (worker/engine/self_check.py picks one per model):
@@ -47,6 +49,16 @@ class Row:
     passed_over: int = 0
     #: Its transformers cache, on the "own" path (``Batch._own``).
     own_cache: object = None
+    #: Prefix caching (worker/engine/prefix_cache.py): the chain's root (None: the row
+    #: neither reads nor leaves blocks), its prompt then every token fed, its full
+    #: blocks' hashes so far, the blocks kept or found cached, the prompt tokens it
+    #: copied rather than computed, and whether its prompt was looked up yet.
+    root: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    published: int = 0
+    cached: int = 0
+    looked_up: bool = False
 
     @property
     def prompt_left(self) -> int:
@@ -54,20 +66,27 @@ class Row:
 
 
 class Batch:
-    def __init__(self, model, path: str):
+    def __init__(self, model, path: str, prefix_seed: str | None = None):
         """``path``: one of PATHS, the one the self-check picked for this model
-        (``worker.engine.self_check.batch_for`` makes a batch so)."""
+        (``worker.engine.self_check.batch_for`` makes a batch so). ``prefix_seed``: the
+        model's identity for prefix caching, which is off without it."""
         self.model = model
         self.path = path
         self.device = next(model.parameters()).device
         #: A hybrid or state-space model's per-row recurrent state (packed path); else None.
         self.states = None
+        #: The cached prefix blocks, where the model is eligible (worker/engine/prefix_cache.py).
+        self.prefix: PrefixCache | None = None
+        #: The bytes the prefix cache may hold now (the engine sets it from its budget).
+        self.prefix_room: Callable[[], int] = lambda: 1 << 62
         if path == "packed":
             recurrent = is_recurrent(model)
             if has_attention(model):
                 use_packed_attention(model, recurrent)
             self.states = RecurrentState(model) if recurrent else None
             self.cache = KVCache(kv_bytes_per_token(model), self.states.bytes_per_row if self.states else 0)
+            if prefix_seed is not None and self.states is None:
+                self.prefix = PrefixCache(prefix_seed, self.cache.bytes_per_token)
         else:
             loaded_with = getattr(model, "_hive_loaded_attention", None)
             if loaded_with is not None and model.config._attn_implementation != loaded_with:
@@ -104,16 +123,28 @@ class Batch:
 
     @property
     def allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes + (self.states.allocated_bytes if self.states else 0)
+        return (self.cache.allocated_bytes + (self.states.allocated_bytes if self.states else 0)
+                + (self.prefix.bytes if self.prefix is not None else 0))
 
-    def add(self, owner, prompt_ids: list[int], max_length: int) -> Row:
+    @property
+    def used_bytes(self) -> int:
+        """What the live tokens hold (beside a hybrid's per-row state)."""
+        return sum(row.length for row in self.rows) * self.cache.bytes_per_token + len(self.rows) * self.cache.bytes_per_row
+
+    def add(self, owner, prompt_ids: list[int], max_length: int, salt: str | None = None) -> Row:
         """A row for a newcomer (within the reservation); its prompt is prefilled by
-        the next steps' ``forward``."""
+        the next steps' ``forward``. ``salt``: whose cached prefixes it may reuse
+        (worker/engine/prefix_cache.py); None: it neither reads nor leaves any."""
         assert len(self.rows) < self.cache.rows and max_length <= self.cache.columns
         self._joined += 1
-        row = Row(owner, prompt_ids, max_length, len(self.rows), self._joined)
+        root = self.prefix.root(salt) if self.prefix is not None and salt is not None else None
+        row = Row(owner, prompt_ids, max_length, len(self.rows), self._joined, root=root, tokens=list(prompt_ids))
         self.rows.append(row)
         return row
+
+    def reuse(self, row: Row) -> int:
+        """Copies the cached blocks that continue a prefilling row's prompt into it."""
+        return self.prefix.reuse(row, self.cache) if self.prefix is not None else 0
 
     def remove(self, row: Row) -> None:
         last = self.rows.pop()
@@ -131,6 +162,7 @@ class Batch:
     def feed(self, row: Row, token_id: int) -> None:
         """The token sampled from ``row``'s logits: the next step feeds it."""
         row.next_id = token_id
+        row.tokens.append(token_id)
 
     @torch.inference_mode()
     def forward(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:
@@ -169,6 +201,10 @@ class Batch:
             row.length += 1
         for row, n in chunks.items():
             row.length += n
+        if self.prefix is not None:
+            room = self.prefix_room()
+            for row in self.rows:
+                self.prefix.publish(row, self.cache, room)
         return ready, out.logits[0]
 
     def _forward_recurrent(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:

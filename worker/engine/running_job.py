@@ -44,6 +44,10 @@ class RunningJob:
     #: (LoadedModel, keep_alive) while the job uses the model; released once.
     holding: tuple | None = None
     sequence: Sequence | None = None
+    #: Whose cached prefixes it may reuse (worker/engine/prefix_cache.py); None: it
+    #: neither reads nor leaves any. Its row in the batch, once admitted.
+    cache_salt: str | None = None
+    row: object = None
     #: Set by the cancel listener (a DELETE), by RQ's timeout, or by the lease renewal.
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
@@ -86,6 +90,11 @@ class RunningJob:
     @property
     def tokens(self) -> int:
         return self.sequence.count if self.sequence is not None else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache rather than computed."""
+        return self.row.cached if self.row is not None else 0
 
 
 class RunningJobs:

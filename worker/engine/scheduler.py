@@ -14,7 +14,12 @@ many: a job waits for room, FIFO, and is admitted as others end; one that could
 not fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
 preempted. Rows are reserved ahead (up to twice the live ones, within
 ``max_batch`` and the budget), so a burst of newcomers does not reallocate the
-cache for each.
+cache for each. The prefix cache holds what the rows leave of the budget and gives
+it back, least recently used first, when a newcomer needs it.
+
+Prefix reuse: before its chunk, a prefilling row copies what the prefix cache holds
+of its prompt (so it needs fewer tokens and goes earlier), and a row whose next
+block an older row is computing waits for it (``_reuse``).
 """
 
 from __future__ import annotations
@@ -37,12 +42,15 @@ class ContextTooLarge(Exception):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, prefill_tokens: int, kv_budget: Callable[[], int]):
+    def __init__(self, max_batch: int, prefill_tokens: int, kv_budget: Callable[[], int],
+                 reclaim: Callable[[int], int] = lambda nbytes: 0):
         """``kv_budget``: the bytes this batch's KV cache may take now (the worker's
-        memory budget less the models it holds and the other models' batches)."""
+        memory budget less the models it holds and the other models' batches);
+        ``reclaim``: frees other models' cached prefix blocks (bytes wanted → freed)."""
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self._kv_budget = kv_budget
+        self._reclaim = reclaim
         self.waiting: deque[RunningJob] = deque()
 
     def check_fits_alone(self, job: RunningJob, batch: Batch) -> None:
@@ -68,16 +76,20 @@ class Scheduler:
                     break  # the oldest waits for room rather than being overtaken
             widest = columns
             self.waiting.popleft()
-            batch.add(job, job.sequence.prompt_ids, job.sequence.max_length)
+            job.row = batch.add(job, job.sequence.prompt_ids, job.sequence.max_length, job.cache_salt)
             joining.append(job)
+        prefilling = batch.prefilling
+        waiting_for_leader = self._reuse(batch, prefilling)
         # Shortest prompt left first: in a burst, the median first token comes after
         # the short prompts rather than after everything before them in the queue
-        # (shortest remaining processing time minimises the mean wait). A prompt
+        # (shortest remaining processing time minimises the mean wait), and a prompt
+        # mostly found in the prefix cache goes before one that is not. A prompt
         # passed over STARVED_STEPS times goes first, so a long one always finishes.
         chunks: dict[Row, int] = {}
-        prefilling = batch.prefilling
         budget = self.budget(batch.decoding, len(prefilling))
         for row in sorted(prefilling, key=lambda s: (s.passed_over < STARVED_STEPS, s.prompt_left, s.joined)):
+            if row in waiting_for_leader:
+                continue
             if not budget:
                 row.passed_over += 1
                 continue
@@ -86,17 +98,56 @@ class Scheduler:
             row.passed_over = 0
         return joining, chunks
 
+    @staticmethod
+    def _reuse(batch: Batch, prefilling: list[Row]) -> set[Row]:
+        """Prefilling rows take what the prefix cache holds of their prompts
+        (worker/engine/prefix_cache.py). Returns the rows that wait a step instead:
+        those whose next block an older row is about to compute, so that a burst
+        sharing an uncached prefix computes it once (the older row's blocks are kept
+        as they fill, and the others find them at a later step)."""
+        if batch.prefix is None:
+            return set()
+        computing: set[int] = set()
+        waiting: set[Row] = set()
+        for row in prefilling:  # oldest first
+            batch.reuse(row)
+            block = batch.prefix.next_block(row)
+            if block is None:
+                continue
+            if block in computing:
+                waiting.add(row)
+            else:
+                computing.add(block)
+        return waiting
+
     def _reserve(self, batch: Batch, rows: int, columns: int) -> bool:
         """Grows the batch's reservation to ``rows`` × ``columns`` or more, if the
-        budget allows; rows ahead for the next newcomers where it allows that too."""
-        budget = self._kv_budget()  # the other batches' reservations are out of it, not this one's
+        budget allows; rows ahead for the next newcomers where it allows that
+        without dropping cached prefix blocks."""
         columns = max(columns, batch.cache.columns)
         ahead = min(self.max_batch, max(rows, 2 * len(batch), rows + len(self.waiting) - 1))
-        for candidate in (ahead, rows):
-            if batch.cache.reserved_bytes(candidate, columns) <= budget:
+        for candidate, evict in ((ahead, False), (rows, True)):
+            if self._room_for(batch, batch.cache.reserved_bytes(candidate, columns), evict):
                 batch.reserve(candidate, columns)
                 return True
         return False
+
+    def _room_for(self, batch: Batch, need: int, evict: bool) -> bool:
+        """Whether the budget holds a reservation of ``need`` bytes beside the prefix
+        cache, or (``evict``) once least recently used blocks are dropped."""
+        budget = self._kv_budget()  # the other batches' reservations are out of it, not this one's
+        held = batch.prefix.bytes if batch.prefix is not None else 0
+        if need + held <= budget:
+            return True
+        if not evict:
+            return False
+        if need > budget:  # other models' cached blocks go first, then this one's
+            budget += self._reclaim(need - budget)
+            if need > budget:
+                return False
+        if held:
+            batch.prefix.evict(need + held - budget)
+        return True
 
     def shrink(self, batch: Batch) -> None:
         """After rows left: gives back a reservation that is more than twice what the

@@ -28,9 +28,10 @@ PROBE_LENGTHS = (14, 34)
 PROBE_STEPS = 8
 
 
-def batch_for(model) -> Batch:
-    """A batch for ``model`` on its path; raises UnsupportedModel where none serves it."""
-    return Batch(model, batch_path(model))
+def batch_for(model, prefix_seed: str | None = None) -> Batch:
+    """A batch for ``model`` on its path; raises UnsupportedModel where none serves it.
+    ``prefix_seed``: the model's identity, for a prefix cache where the path allows one."""
+    return Batch(model, batch_path(model), prefix_seed)
 
 
 @torch.inference_mode()

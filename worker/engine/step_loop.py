@@ -55,6 +55,7 @@ class BatchMetrics:
     """What the engine reports (worker/metrics.py implements it)."""
 
     def batch_changed(self, model: str, size: int, kv_bytes: int) -> None: ...
+    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int) -> None: ...
     def admitted(self, job: RunningJob) -> None: ...
     def sent(self, commands: int) -> None: ...
 
@@ -70,13 +71,20 @@ class Engine:
         metrics: BatchMetrics,
         token_delay_s: float = 0.0,
         arriving: Callable[[], int] = lambda: 0,
+        prefix_seed: str | None = None,
+        reclaim: Callable[[int], int] = lambda nbytes: 0,
     ):
         """``arriving``: how many jobs for this model the worker has taken and not yet
-        added."""
+        added. ``prefix_seed``: the model's identity (repository, revision, dtype) for
+        its prefix cache; None turns prefix caching off. ``reclaim``: frees other
+        models' cached prefix blocks (bytes wanted → freed)."""
         self.name = name
         self._arriving = arriving
-        self.batch = batch_for(model)
-        self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget)
+        self.batch = batch_for(model, prefix_seed)
+        # The prefix cache may hold what the budget leaves beside the rows' reservation.
+        self.batch.prefix_room = lambda: max(0, kv_budget() - self.batch.cache.reserved_bytes())
+        self._counted = (0, 0)  # the prefix cache's queries and hits last reported
+        self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget, reclaim)
         self._writer = StepWriter(writer_connection)
         self._metrics = metrics
         self._delay_s = token_delay_s
@@ -115,8 +123,15 @@ class Engine:
 
     @property
     def kv_reserved(self) -> int:
-        """The bytes the batch's cache has reserved (what the memory budget counts)."""
-        return self.batch.cache.reserved_bytes()
+        """The bytes the batch's cache has reserved and its prefix cache holds (what
+        the memory budget counts)."""
+        prefix = self.batch.prefix
+        return self.batch.cache.reserved_bytes() + (prefix.bytes if prefix is not None else 0)
+
+    def reclaim(self, nbytes: int) -> int:
+        """Drops cached prefix blocks (least recently used first) to free ``nbytes`` for
+        another model; returns the bytes freed. Safe from any thread."""
+        return self.batch.prefix.evict(nbytes) if self.batch.prefix is not None else 0
 
     # The engine's thread.
 
@@ -227,9 +242,16 @@ class Engine:
         self._send(commands)
         if stops:
             self._leave([(rows[k], why) for k, why in stops])
+        self._count()
         if self._delay_s:
             time.sleep(self._delay_s)
         return True
+
+    def _count(self) -> None:
+        prefix = self.batch.prefix
+        queries, hits = (prefix.queries, prefix.hits) if prefix is not None else (0, 0)
+        self._metrics.stepped(self.name, self.batch.used_bytes, queries - self._counted[0], hits - self._counted[1])
+        self._counted = (queries, hits)
 
     def _send(self, commands: list[bytes]) -> None:
         self._writer.send(commands)

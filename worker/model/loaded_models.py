@@ -136,6 +136,8 @@ class LoadedModels:
         #: The KV-cache bytes the batches of the loaded models may take (the runtime
         #: sets it): a new model makes room beside them too.
         self.kv_reserved: Callable[[], int] = lambda: 0
+        #: Frees cached prefix blocks (the batches' prefix caches): bytes wanted → freed.
+        self.reclaim_kv: Callable[[int], int] = lambda nbytes: 0
         #: Called with (repo id, revision) after a model is unloaded.
         self.on_unload: Callable[[str, str | None], None] = lambda repo_id, revision: None
 
@@ -190,6 +192,9 @@ class LoadedModels:
     def make_room(self, repo_id: str, needed_bytes: int) -> None:
         """Unloads least recently used idle models until ``needed_bytes`` fit."""
         self.check_fits(repo_id, needed_bytes)
+        # Cached prefix blocks go before any model does.
+        if (over := self.used_bytes + self.kv_reserved() + needed_bytes - self.budget_bytes) > 0:
+            self.reclaim_kv(over)
         with self._lock:
             for victim in sorted((m for m in self._models.values() if not m.in_use), key=lambda m: m.last_used):
                 if self.used_bytes + self.kv_reserved() + needed_bytes <= self.budget_bytes:
