@@ -147,3 +147,52 @@ def test_prompts_found_in_the_prefix_cache_give_the_logits_computed_from_scratch
         step({})
     assert fed == {"a": 34, "b": 15, "other": 14, "a2": 13, "same": 13}
     assert batch.prefix.hits == 32 + 80 + 47 and batch.prefix.queries == sum(len(p) for p in prompts.values())
+
+
+def _run_to_end(model, prompts: dict[str, list[int]], max_tokens: int, kv_budget: int, salt: str | None = "k") -> tuple[dict, int]:
+    """Every prompt through a real Scheduler and Batch, greedy, until each has
+    ``max_tokens`` tokens: (name → tokens, rows preempted)."""
+    from types import SimpleNamespace
+
+    from worker.engine.batch import Batch
+    from worker.engine.scheduler import Scheduler
+    from worker.engine.self_check import batch_path
+
+    batch = Batch(model, batch_path(model), prefix_seed="test-model")
+    scheduler = Scheduler(8, 32, lambda: kv_budget)
+    out: dict[str, list[int]] = {name: [] for name in prompts}
+    for name, prompt in prompts.items():
+        sequence = SimpleNamespace(prompt_ids=prompt, max_length=len(prompt) + max_tokens, max_tokens=max_tokens)
+        scheduler.waiting.append(SimpleNamespace(name=name, sequence=sequence, cache_salt=salt, row=None, resume=None))
+    for _ in range(2000):
+        if not (scheduler.waiting or batch.rows):
+            break
+        _, chunks = scheduler.plan(batch)
+        ready, logits = batch.forward(chunks)
+        for row, token in zip(ready, logits.argmax(-1).tolist()):
+            job = row.owner
+            out[job.name].append(token)
+            if len(out[job.name]) == max_tokens:
+                batch.remove(row)
+            else:
+                batch.feed(row, token)
+        scheduler.shrink(batch)
+    return out, scheduler.preempted
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_batch_at_its_memory_budget_preempts_and_answers_as_with_room(arch):
+    """Rows take columns as their tokens arrive; when the next tokens do not fit the
+    newest row is preempted, recomputed later from its tokens, and every sequence
+    still gets the tokens it gets with all the room it needs (with the prefix
+    cache, and without it)."""
+    _, model = _model(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = {f"p{k}": torch.randint(1, VOCAB, (n,), generator=g).tolist() for k, n in enumerate((20, 37, 9, 50, 28, 15))}
+    roomy, preempted = _run_to_end(model, prompts, 60, 1 << 40)
+    assert preempted == 0
+    per_token = model.config.num_hidden_layers * 2 * 2 * 16 * 4  # layers × (keys, values) × KV heads × head dim × fp32
+    tight = 320 * per_token  # two and a half rows of 128 columns, for six sequences of up to 110 tokens
+    for salt in ("k", None):
+        answers, preempted = _run_to_end(model, prompts, 60, tight, salt)
+        assert preempted > 0 and answers == roomy, salt

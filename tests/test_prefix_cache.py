@@ -5,6 +5,7 @@ a system prompt computes it once, and one key never finds another's prompt."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -171,3 +172,39 @@ def test_a_prefix_group_follows_the_worker_that_holds_it_until_that_worker_dies(
     request = InferenceRequest(model="acme/tiny", messages=[{"role": "system", "content": groups["A"]}, {"role": "user", "content": "After"}])
     cuts = [keys.prefix_affinity(queue, h) for h in prefix_hashes(request, "local")]
     assert len(cuts) >= 2 and [redis_client.get(key) for key in cuts] == [survivor] * len(cuts)
+
+
+def test_a_batch_at_its_memory_budget_preempts_and_every_job_answers_as_alone(redis_url, hub, log_dir, tmp_path):
+    """A worker whose memory holds acme/tiny and three rows of 192 tokens runs four
+    jobs of ~170 tokens at once: the newest is preempted when the rows grow, and
+    recomputed later; each job's text is the text it has alone."""
+    config = json.loads((hub.root / "acme" / "tiny" / "config.json").read_text())
+    per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"]) * 4
+    weights = sum(f.stat().st_size for f in (hub.root / "acme" / "tiny").glob("*.safetensors"))
+    port, metrics_port, queue = processes.free_port(), processes.free_port(), "hive:test-tight"
+    url = f"http://127.0.0.1:{port}"
+    hive = processes.start("hive-tight", processes.hive_command("serve", "--redis-url", redis_url, "--port", str(port), "--queue", queue), log_dir)
+    worker = processes.start(
+        "worker-tight",
+        processes.hive_command("worker", "--redis-url", redis_url, "--queue", queue, "--device", "cpu", "--max-batch", "4",
+                               "--max-memory", str(weights + 3 * 192 * per_token), "--metrics-port", str(metrics_port)),
+        log_dir,
+        env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"},
+    )
+    try:
+        processes.wait_until(lambda: processes.health(url).get("workers", 0) >= 1, processes.STARTUP_TIMEOUT_S, "tight cluster", (hive, worker))
+        prompts = [f"The quick brown fox {k}" for k in range(4)]
+        body = {"max_tokens": 150, "prefix_cache": False}  # nothing found in the cache: every preempted token is recomputed
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda p: run(url, KEY_A, prompt=p, **body), prompts))
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        preempted = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("hive_preemptions_total{"))
+        assert preempted >= 1
+        for prompt, (end, status) in zip(prompts, together):
+            assert end["tokens_out"] == 150
+            _, alone = run(url, KEY_A, prompt=prompt, **body)
+            assert status["output"] == alone["output"]
+        assert "Traceback" not in worker.log()
+    finally:
+        worker.stop()
+        hive.stop()

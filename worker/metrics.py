@@ -105,6 +105,9 @@ class WorkerMetrics:
             "hive_kv_cache_bytes", "Bytes the model's batch KV cache takes now (its rows and its cached prefix blocks).", ["model"], registry=r
         )
         self.kv_cache_used_bytes = Gauge("hive_kv_cache_used_bytes", "Bytes of the model's KV cache its live tokens hold.", ["model"], registry=r)
+        self.preemptions = Counter(
+            "hive_preemptions", "Sequences preempted for memory (recomputed later from their tokens).", ["model"], registry=r
+        )
         self.prefix_queries = Counter(
             "hive_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model"], registry=r
         )
@@ -123,8 +126,10 @@ class WorkerMetrics:
         self.batch_size.labels(model).set(size)
         self.kv_cache_bytes.labels(model).set(kv_bytes)
 
-    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int) -> None:
+    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int, preempted: int) -> None:
         self.kv_cache_used_bytes.labels(model).set(used_bytes)
+        if preempted:
+            self.preemptions.labels(model).inc(preempted)
         if prefix_queries:
             self.prefix_queries.labels(model).inc(prefix_queries)
         if prefix_hits:

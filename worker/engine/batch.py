@@ -54,6 +54,9 @@ class Row:
     #: blocks' hashes so far, the blocks kept or found cached, the prompt tokens it
     #: copied rather than computed, and whether its prompt was looked up yet.
     root: int | None = None
+    #: A preempted job's row, back in the batch: the token its prompt (the tokens it
+    #: had) is followed by, already sampled and sent, fed instead of sampling again.
+    then: int | None = None
     tokens: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     published: int = 0
@@ -131,14 +134,26 @@ class Batch:
         """What the live tokens hold (beside a hybrid's per-row state)."""
         return sum(row.length for row in self.rows) * self.cache.bytes_per_token + len(self.rows) * self.cache.bytes_per_row
 
-    def add(self, owner, prompt_ids: list[int], max_length: int, salt: str | None = None) -> Row:
+    @property
+    def grows(self) -> bool:
+        """Whether rows take columns as their tokens arrive (and may be preempted), or
+        are reserved at their whole ``max_length`` on joining: the attention-only
+        packed path, whose rows a preempted job can recompute from its tokens alone."""
+        return self.path == "packed" and self.states is None
+
+    def columns_now(self, row: Row) -> int:
+        """The columns ``row`` needs in the next step."""
+        return max(len(row.prompt_ids), row.length + 1) if self.grows else row.max_length
+
+    def add(self, owner, prompt_ids: list[int], max_length: int, salt: str | None = None, then: int | None = None) -> Row:
         """A row for a newcomer (within the reservation); its prompt is prefilled by
         the next steps' ``forward``. ``salt``: whose cached prefixes it may reuse
-        (worker/engine/prefix_cache.py); None: it neither reads nor leaves any."""
-        assert len(self.rows) < self.cache.rows and max_length <= self.cache.columns
+        (worker/engine/prefix_cache.py); None: it neither reads nor leaves any.
+        ``then``: a preempted job coming back (``Row.then``)."""
+        assert len(self.rows) < self.cache.rows and (len(prompt_ids) if self.grows else max_length) <= self.cache.columns
         self._joined += 1
         root = self.prefix.root(salt) if self.prefix is not None and salt is not None else None
-        row = Row(owner, prompt_ids, max_length, len(self.rows), self._joined, root=root, tokens=list(prompt_ids))
+        row = Row(owner, prompt_ids, max_length, len(self.rows), self._joined, root=root, tokens=list(prompt_ids), then=then)
         self.rows.append(row)
         return row
 
@@ -180,14 +195,18 @@ class Batch:
         keep = list(range(len(decoding)))
         ready = list(decoding)
         segments = []
+        resumed = []
         # Prompts that start now first: packed_attention attends them together.
         for row, n in sorted(chunks.items(), key=lambda item: item[0].length > 0):
             segments.append(Segment(row.index, row.length, n, len(ids)))
             ids.extend(row.prompt_ids[row.length : row.length + n])
             positions.extend(range(row.length, row.length + n))
             if row.length + n == len(row.prompt_ids):
-                keep.append(len(ids) - 1)
-                ready.append(row)
+                if row.then is None:
+                    keep.append(len(ids) - 1)
+                    ready.append(row)
+                else:
+                    resumed.append(row)
         layout = StepLayout(self.cache, len(self.rows), [s.index for s in decoding], [s.length for s in decoding],
                             segments, self.device)
         with layout.active():
@@ -201,6 +220,9 @@ class Batch:
             row.length += 1
         for row, n in chunks.items():
             row.length += n
+        for row in resumed:  # back where it was preempted: its next token is known
+            self.feed(row, row.then)
+            row.then = None
         if self.prefix is not None:
             room = self.prefix_room()
             for row in self.rows:

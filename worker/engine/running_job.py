@@ -48,6 +48,9 @@ class RunningJob:
     #: neither reads nor leaves any. Its row in the batch, once admitted.
     cache_salt: str | None = None
     row: object = None
+    #: Preempted (worker/engine/scheduler.py): the tokens to recompute and the token
+    #: that follows them, until it is back in the batch.
+    resume: tuple[list[int], int | None] | None = None
     #: Set by the cancel listener (a DELETE), by RQ's timeout, or by the lease renewal.
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)

@@ -7,15 +7,18 @@ the KV-cache budget. The budget goes to the prefilling prompts, shortest left fi
 prompt longer than what is left is prefilled in chunks over the next steps
 (chunked prefill), so the running streams keep getting a token every step.
 
-Memory: the batch's cache is reserved for every row at the widest ``prompt +
-max_tokens`` among them (worker/engine/kv_cache.py), and that reservation is what the
-budget counts, so a batch never grows past its memory by admitting one job too
-many: a job waits for room, FIFO, and is admitted as others end; one that could
-not fit even alone is refused when it arrives (``ContextTooLarge``). Nothing is
-preempted. Rows are reserved ahead (up to twice the live ones, within
+Memory: the batch's cache holds one row per sequence, as wide as the longest
+needs (worker/engine/kv_cache.py), and that reservation is what the budget counts.
+On the attention-only packed path (``Batch.grows``) a row takes columns as its
+tokens arrive: a newcomer is admitted, FIFO, when its prompt and a watermark fit,
+and when the rows' next tokens do not fit, the newest row is preempted and its job
+recomputed later from its tokens (``_grow``), as vLLM does. Hybrids and the "own"
+path reserve each row's whole ``prompt + max_tokens`` on joining and are never
+preempted. A job that could not fit even alone is refused when it arrives
+(``ContextTooLarge``). Rows are reserved ahead (up to twice the live ones, within
 ``max_batch`` and the budget), so a burst of newcomers does not reallocate the
 cache for each. The prefix cache holds what the rows leave of the budget and gives
-it back, least recently used first, when a newcomer needs it.
+it back, least recently used first, when the rows need it.
 
 Prefix reuse: before its chunk, a prefilling row copies what the prefix cache holds
 of its prompt (so it needs fewer tokens and goes earlier), and a row whose next
@@ -35,6 +38,9 @@ from worker.engine.running_job import RunningJob
 MAX_PREFILL_FACTOR = 4
 #: Steps a prefilling prompt can be passed over for shorter ones before it goes first.
 STARVED_STEPS = 4
+#: Columns a newcomer needs beyond its prompt to be admitted, so that the batch can
+#: decode a while before it must grow (or preempt): vLLM's watermark, in columns.
+WATERMARK_COLUMNS = 16
 
 
 class ContextTooLarge(Exception):
@@ -51,6 +57,8 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self._kv_budget = kv_budget
         self._reclaim = reclaim
+        #: Rows preempted so far (a Prometheus counter).
+        self.preempted = 0
         self.waiting: deque[RunningJob] = deque()
 
     def check_fits_alone(self, job: RunningJob, batch: Batch) -> None:
@@ -64,19 +72,25 @@ class Scheduler:
 
     def plan(self, batch: Batch) -> tuple[list[RunningJob], dict[Row, int]]:
         """The newcomers that join now (added to ``batch``), and the prompt tokens each
-        prefilling row computes in this step."""
+        prefilling row computes in this step. Rows may be preempted first (``_grow``)."""
+        self._grow(batch)
         joining: list[RunningJob] = []
-        widest = max((s.max_length for s in batch.rows), default=0)
+        widest = max((batch.columns_now(row) for row in batch.rows), default=0)
         while self.waiting and len(batch) < self.max_batch:
             job = self.waiting[0]
-            columns = round_columns(max(widest, job.sequence.max_length))
+            prompt, then = job.resume or (job.sequence.prompt_ids, None)
+            need = len(prompt) + 1 + WATERMARK_COLUMNS if batch.grows else job.sequence.max_length
+            columns = round_columns(max(widest, need))
             rows = len(batch) + 1
             if rows > batch.cache.rows or columns > batch.cache.columns:
                 if not self._reserve(batch, rows, columns):
                     break  # the oldest waits for room rather than being overtaken
             widest = columns
             self.waiting.popleft()
-            job.row = batch.add(job, job.sequence.prompt_ids, job.sequence.max_length, job.cache_salt)
+            row = batch.add(job, prompt, job.sequence.max_length, job.cache_salt, then)
+            if job.row is None:
+                job.row = row  # its first row: what its prompt found cached
+            job.resume = None
             joining.append(job)
         prefilling = batch.prefilling
         waiting_for_leader = self._reuse(batch, prefilling)
@@ -97,6 +111,34 @@ class Scheduler:
             budget -= n
             row.passed_over = 0
         return joining, chunks
+
+    def _grow(self, batch: Batch) -> None:
+        """Widens the cache for the rows' next tokens. Where the budget cannot (even
+        once cached prefix blocks are dropped), the newest row is preempted: it leaves,
+        and its job goes back to the front of the queue with the tokens it had, to be
+        recomputed when there is room (mostly found in the prefix cache then). Its
+        client sees a pause, never an error or a token twice."""
+        while batch.rows:
+            needed = max(batch.columns_now(row) for row in batch.rows)
+            if needed <= batch.cache.columns:
+                return
+            # A quarter more than needed: one reallocation every few dozen tokens.
+            for columns in (round_columns(max(needed, batch.cache.columns * 5 // 4)), round_columns(needed)):
+                if self._room_for(batch, batch.cache.reserved_bytes(len(batch), columns), evict=True):
+                    batch.reserve(len(batch), columns)
+                    return
+            self._preempt(batch, max(batch.rows, key=lambda row: row.joined))
+
+    def _preempt(self, batch: Batch, row: Row) -> None:
+        job = row.owner
+        if row.next_id is None:  # still prefilling: it starts over (a resumed one, with its own tokens)
+            job.resume = (row.prompt_ids, row.then)
+        else:
+            job.resume = (row.tokens[: row.length], row.next_id)
+        job.phase = "waiting"
+        batch.remove(row)
+        self.waiting.appendleft(job)
+        self.preempted += 1
 
     @staticmethod
     def _reuse(batch: Batch, prefilling: list[Row]) -> set[Row]:
@@ -156,7 +198,7 @@ class Scheduler:
             batch.reserve(0, 0)
             return
         rows = len(batch)
-        columns = round_columns(max(s.max_length for s in batch.rows))
+        columns = round_columns(max(batch.columns_now(row) for row in batch.rows))
         if batch.cache.rows > 2 * rows or batch.cache.columns > 2 * columns:
             batch.reserve(rows, columns)
 

@@ -55,7 +55,7 @@ class BatchMetrics:
     """What the engine reports (worker/metrics.py implements it)."""
 
     def batch_changed(self, model: str, size: int, kv_bytes: int) -> None: ...
-    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int) -> None: ...
+    def stepped(self, model: str, used_bytes: int, prefix_queries: int, prefix_hits: int, preempted: int) -> None: ...
     def admitted(self, job: RunningJob) -> None: ...
     def sent(self, commands: int) -> None: ...
 
@@ -83,7 +83,7 @@ class Engine:
         self.batch = batch_for(model, prefix_seed)
         # The prefix cache may hold what the budget leaves beside the rows' reservation.
         self.batch.prefix_room = lambda: max(0, kv_budget() - self.batch.cache.reserved_bytes())
-        self._counted = (0, 0)  # the prefix cache's queries and hits last reported
+        self._counted = (0, 0, 0)  # the prefix cache's queries and hits, and the preemptions, last reported
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget, reclaim)
         self._writer = StepWriter(writer_connection)
         self._metrics = metrics
@@ -228,9 +228,10 @@ class Engine:
         if joining:
             now = time.perf_counter()
             for job in joining:
-                job.admitted_at = now
                 job.phase = "running"
-                self._metrics.admitted(job)
+                if not job.admitted_at:  # not a preempted job coming back
+                    job.admitted_at = now
+                    self._metrics.admitted(job)
             self._changed()
         if not chunks and not self.batch.decoding:
             return False
@@ -249,9 +250,9 @@ class Engine:
 
     def _count(self) -> None:
         prefix = self.batch.prefix
-        queries, hits = (prefix.queries, prefix.hits) if prefix is not None else (0, 0)
-        self._metrics.stepped(self.name, self.batch.used_bytes, queries - self._counted[0], hits - self._counted[1])
-        self._counted = (queries, hits)
+        counts = (prefix.queries, prefix.hits, self.scheduler.preempted) if prefix is not None else (0, 0, self.scheduler.preempted)
+        self._metrics.stepped(self.name, self.batch.used_bytes, *(now - before for now, before in zip(counts, self._counted)))
+        self._counted = counts
 
     def _send(self, commands: list[bytes]) -> None:
         self._writer.send(commands)
