@@ -7,8 +7,8 @@ figure next to its target, written to the "## Summary" section of docs/benchmark
 Each benchmark also writes its own section (unless --no-write). ``relay`` and
 ``fleet`` run as their own processes (``python -m bench.relay`` /
 ``bench.fleet`` with small round counts) and their verdict lines are read back;
-``load``, ``download``, ``redis``, ``fanout``, ``submit``, ``engines`` and ``batching`` are
-called in this process.
+``load``, ``download``, ``redis``, ``fanout``, ``submit``, ``engines``, ``batching``,
+``structured``, ``prefix`` and ``prefix-routing`` are called in this process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench import batching, download, engines, fanout, load, redis_cmds, structured, submit
+from bench import batching, download, engines, fanout, load, prefix, prefix_routing, redis_cmds, structured, submit
 from bench.doc import replace_section, section_text
 from bench.figure import Figure
 
@@ -35,10 +35,13 @@ COMMANDS = {
     "engines": ["python", "-m", "bench.engines", "--n", "1,8,16", "--runs", "2"],
     "batching": ["python", "-m", "bench.batching", "--runs", "2"],
     "structured": ["python", "-m", "bench.structured", "--runs", "2"],
+    "prefix": ["python", "-m", "bench.prefix", "--runs", "2"],
+    "prefix-routing": ["python", "-m", "bench.prefix_routing"],
 }
 IN_PROCESS = {
     "load": load.main, "download": download.main, "redis": redis_cmds.main, "fanout": fanout.main, "submit": submit.main,
-    "engines": engines.main, "batching": batching.main, "structured": structured.main,
+    "engines": engines.main, "batching": batching.main, "structured": structured.main, "prefix": prefix.main,
+    "prefix-routing": prefix_routing.main,
 }
 
 

@@ -120,6 +120,45 @@ async def conversations(url: str, model: str, tokenizer, args) -> dict:
     return {"round_p50": statistics.median(rounds), "round_max": max(rounds), "wall_s": wall, "prompts": sent}
 
 
+def kv_ratio(folder: Path, streams: int, tokenizer) -> list[float]:
+    """The rows' KV cache allocated ÷ what their live tokens hold, at every step of
+    ``streams`` mixed requests (prompts of 8–256 tokens, 16–128 out, all at once) run
+    by the worker's own Scheduler and Batch in this process, greedy, without Redis."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker.engine.batch import Batch
+    from worker.engine.scheduler import Scheduler
+    from worker.engine.self_check import batch_path
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    batch = Batch(model, batch_path(model), prefix_seed="bench")
+    scheduler = Scheduler(streams, 64, lambda: 1 << 40)
+    rng = random.Random(13)
+    for _ in range(streams):
+        prompt, out = words(tokenizer, rng, rng.randint(8, 256)), rng.randint(16, 128)
+        sequence = SimpleNamespace(prompt_ids=prompt, max_length=len(prompt) + out, max_tokens=out)
+        scheduler.waiting.append(SimpleNamespace(sequence=sequence, cache_salt="k", row=None, resume=None, phase=""))
+    ratios = []
+    with torch.inference_mode():
+        while scheduler.waiting or batch.rows:
+            _, chunks = scheduler.plan(batch)
+            ready, logits = batch.forward(chunks)
+            if batch.used_bytes:
+                ratios.append(batch.cache.allocated_bytes / batch.used_bytes)
+            for row, token in zip(ready, logits.argmax(-1).tolist()):
+                job = row.owner
+                job.sequence.max_tokens -= 1
+                if job.sequence.max_tokens == 0:
+                    batch.remove(row)
+                else:
+                    batch.feed(row, token)
+            scheduler.shrink(batch)
+    return ratios
+
+
 def run_system(name: str, url: str, model: str, tokenizer, args, metrics_url: str | None) -> dict:
     out: dict = {}
     for load, with_system in (("shared", True), ("unshared", False)):
@@ -196,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-kv-ratio", action="store_true", help="skip the in-process memory figure")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -205,6 +245,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
         root = Path(tmp)
         folder = build(root)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        ratios = [] if args.no_kv_ratio else kv_ratio(folder, args.groups * args.per_group, tokenizer)
         batch = str(args.groups * args.per_group)
         for name, extra in (("Hive", ()), ("Hive, cache off", ("--no-prefix-cache",))):
             metrics_port = processes.free_port()
@@ -218,6 +259,11 @@ def main(argv: list[str] | None = None) -> list[Figure]:
             finally:
                 proc.stop()
     text, figures = report(results)
+    if ratios:
+        text += (f"\n\nKV cache of the rows allocated ÷ held by live tokens, at each of {len(ratios)} steps of {args.groups * args.per_group} mixed "
+                 f"streams (prompts 8–256 tokens, 16–128 out; `kv_ratio`, in process): median {statistics.median(ratios):.2f}×, "
+                 f"90th percentile {sorted(ratios)[int(0.9 * len(ratios))]:.2f}×, max {max(ratios):.2f}× (target ≤ 1.15× at every step).")
+        figures.append(Figure("prefix", "KV allocated ÷ used, every step of 16 mixed streams (max)", "≤ 1.15×", f"{max(ratios):.2f}×", max(ratios) <= 1.15))
     print(text)
     if not args.no_write:
         command = " ".join(["python -m bench.prefix", *(argv if argv is not None else [])])

@@ -126,6 +126,11 @@ def serve(
         bool,
         typer.Option(envvar="HIVE_WEBHOOK_ALLOW_PRIVATE", help="Let webhooks call loopback, private and link-local addresses (tests, private networks)."),
     ] = False,
+    prefix_routing: Annotated[
+        bool,
+        typer.Option("--prefix-routing/--no-prefix-routing", envvar="HIVE_PREFIX_ROUTING",
+                     help="Send a prompt to the idle worker that last ran one starting alike (its prefix cache holds it)."),
+    ] = True,
     processes: Annotated[int, typer.Option(envvar="HIVE_PROCESSES", min=1, max=64, help="Hive processes sharing the port (each with its own relay and reaper).")] = 1,
     log_level: LogLevel = "info",
 ) -> None:
@@ -183,6 +188,7 @@ def serve(
         hub_cache=hub_cache,
         webhook_retry_delays=retry_delays,
         webhook_allow_private=webhook_allow_private,
+        prefix_routing=prefix_routing,
     )
     from hive.server import SERVER_OPTIONS, ReusePortProcesses
 
@@ -227,6 +233,9 @@ def worker(
     prefix_cache: Annotated[
         bool, typer.Option("--prefix-cache/--no-prefix-cache", envvar="HIVE_PREFIX_CACHE", help="Reuse the keys and values of prompt prefixes computed before.")
     ] = True,
+    prefix_cache_memory: Annotated[
+        str, typer.Option(envvar="HIVE_PREFIX_CACHE_MEMORY", help="The most the prefix cache holds (auto: 1GiB on the CPU, what the batches leave on CUDA).")
+    ] = "auto",
     prefix_cache_scope: Annotated[
         PrefixScope,
         typer.Option(envvar="HIVE_PREFIX_CACHE_SCOPE", help="key: each API key reuses only its own prefixes (no timing tells one key of another's prompt); shared: all keys alike."),
@@ -264,6 +273,7 @@ def worker(
             metrics_port=metrics_port,
             prefix_cache=prefix_cache,
             prefix_cache_scope=prefix_cache_scope.value,
+            prefix_cache_bytes=_memory_size(prefix_cache_memory, "--prefix-cache-memory"),
         )
     )
 
@@ -292,13 +302,13 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def _memory_size(text: str) -> int:
+def _memory_size(text: str, option: str = "--max-memory") -> int:
     """``auto`` → 0; ``8GiB``, ``512MB`` or plain bytes → bytes."""
     if text.strip().lower() == "auto":
         return 0
     match = _SIZE.match(text.strip())
     if not match:
-        raise typer.BadParameter(f"{text!r}: expected auto or a size like 8GiB, 512MB", param_hint="--max-memory")
+        raise typer.BadParameter(f"{text!r}: expected auto or a size like 8GiB, 512MB", param_hint=option)
     unit = (match.group(2) or "").lower().removesuffix("b")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 

@@ -75,6 +75,13 @@ class Settings:
     #: timing would tell one key of another's prompt) or ``shared`` (every key alike).
     prefix_cache: bool = True
     prefix_cache_scope: str = "key"
+    #: Worker: the most the prefix cache holds, in bytes; 0: 1 GiB on the CPU (its
+    #: memory is reused once full: growing it costs first-touch page faults, 4% of
+    #: the step time while it grows, bench/prefix.py), else what the batches leave.
+    prefix_cache_bytes: int = 0
+    #: Hive: route a prompt to the idle worker that last ran one starting alike
+    #: (shared/prefix_affinity.py); off: the idle worker with the most free slots.
+    prefix_routing: bool = True
     #: Worker: serve its Prometheus metrics on this port (0: off).
     metrics_port: int = 0
     #: Hive: the hub that ``/hub`` mirrors (pulls through on a miss); "" serves no ``/hub``.

@@ -50,6 +50,8 @@ CLOCK_WAIT_S = 10.0
 #: How often a job's thread wakes while the engine runs its job: RQ's timeout
 #: (TimerDeathPenalty) raises in this thread, and only between Python bytecodes.
 WAIT_POLL_S = 0.2
+#: The prefix cache's default size on the CPU (shared/settings.py ``prefix_cache_bytes``).
+PREFIX_CACHE_CPU_BYTES = 1 << 30
 
 
 def default_max_batch(device: torch.device) -> int:
@@ -156,6 +158,7 @@ class WorkerRuntime:
                     lambda: sum(j.model == loaded.repo_id and j.phase == "taken" for j in self.running.active()),
                     f"{loaded.repo_id}@{loaded.revision or 'main'}:{loaded.model.dtype}" if self.settings.prefix_cache else None,
                     reclaim=lambda nbytes: self._reclaim(nbytes, besides=loaded.key),
+                    prefix_cap=self.settings.prefix_cache_bytes or (PREFIX_CACHE_CPU_BYTES if self.device.type == "cpu" else 1 << 62),
                 )
                 self._engines[loaded.key] = engine
             return engine

@@ -134,7 +134,7 @@ class Submitter:
         kind = "pull" if isinstance(request, PullRequest) else "embedding" if isinstance(request, EmbeddingRequest) else "inference"
         queue, model = self.settings.queue, request.model
         now = self.clock.now()
-        prefixes = prefix_hashes(request, owner) if kind == "inference" else []
+        prefixes = prefix_hashes(request, owner) if kind == "inference" and self.settings.prefix_routing else []
         record = {
             job_record.SPEC: request.model_dump_json(),
             job_record.STATE: JobState.queued.value,

@@ -89,7 +89,7 @@ class Batch:
             self.states = RecurrentState(model) if recurrent else None
             self.cache = KVCache(kv_bytes_per_token(model), self.states.bytes_per_row if self.states else 0)
             if prefix_seed is not None and self.states is None:
-                self.prefix = PrefixCache(prefix_seed, self.cache.bytes_per_token)
+                self.prefix = PrefixCache(prefix_seed)
         else:
             loaded_with = getattr(model, "_hive_loaded_attention", None)
             if loaded_with is not None and model.config._attn_implementation != loaded_with:

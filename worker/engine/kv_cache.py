@@ -121,19 +121,20 @@ class KVCache:
         return self.keys[index], self.values[index]
 
     @torch.inference_mode()
-    def load(self, row: int, start: int, blocks: list, n: int) -> None:
-        """The first ``n`` tokens of prefix-cache ``blocks`` (worker/engine/prefix_cache.py)
+    def load(self, row: int, start: int, blocks: list[list[torch.Tensor | None]], n: int) -> None:
+        """The first ``n`` tokens of prefix-cache blocks (worker/engine/prefix_cache.py:
+        each block's every layer's keys, then values, [kv heads, block tokens, dim])
         into row ``row`` from column ``start``: one copy per layer."""
-        for buffers, per_block in ((self.keys, [b.keys for b in blocks]), (self.values, [b.values for b in blocks])):
-            for layer, first in enumerate(per_block[0]):
-                if first is None:
-                    continue
-                while len(buffers) <= layer:
-                    buffers.append(None)
-                if buffers[layer] is None:  # as ``layer`` allocates it at a first write
-                    buffers[layer] = first.new_zeros((self.rows, first.shape[0], self.columns, first.shape[2]))
-                tokens = torch.cat([b[layer] for b in per_block], dim=1)[:, :n]
-                buffers[layer][row, :, start : start + n] = tokens
+        layers = len(blocks[0]) // 2
+        for k, first in enumerate(blocks[0]):
+            if first is None:
+                continue
+            buffers, layer = (self.keys, k) if k < layers else (self.values, k - layers)
+            while len(buffers) <= layer:
+                buffers.append(None)
+            if buffers[layer] is None:  # as ``layer`` allocates it at a first write
+                buffers[layer] = first.new_zeros((self.rows, first.shape[0], self.columns, first.shape[2]))
+            buffers[layer][row, :, start : start + n] = torch.cat([block[k] for block in blocks], dim=1)[:, :n]
 
     @torch.inference_mode()
     def move(self, source: int, target: int, columns: int) -> None:

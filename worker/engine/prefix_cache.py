@@ -15,14 +15,16 @@ Blocks of decoded tokens are kept too: the next turn of a conversation, whose
 prompt holds the reply, finds it. A hit never covers a prompt's last token: its
 logits come from computing it.
 
-The blocks live here, beside the batch's rows, and are copied into a row on a hit
-(worker/engine/batch.py ``reuse``): the rows stay contiguous, so the decode step
-attends over one slice per layer as before. Copying a 512-token prefix is one
-copy per layer, well under a millisecond of the ~1 s its prefill takes on this
-project's CPU. Least recently used blocks go first when the pool is full or the
-rows need its memory; a chain's tail goes before its head (``match`` touches a
-hit's blocks from the last to the first), since a head without its tail is still
-a hit and a tail without its head never is.
+The blocks live here, beside the batch's rows, in arenas of slots allocated 64 MiB
+at a time (``Arena``), and are copied into a row on a hit (worker/engine/batch.py
+``reuse``): the rows stay contiguous, so the decode step attends over one slice per
+layer as before. Copying a 512-token prefix is one copy per layer, well under a
+millisecond of the ~1 s its prefill takes on this project's CPU. Once the arenas
+fill their limit (the prefix cache's size, within what the rows leave of the
+budget), the least recently used block's slot is reused; a chain's tail goes
+before its head (``match`` touches a hit's blocks from the last to the first),
+since a head without its tail is still a hit and a tail without its head never is.
+When the rows or another model need memory, whole arenas are given back.
 
 Eligible: every model on the packed path whose every layer keeps keys and values,
 sliding-window layers included (a row holds all its columns; the window is a
@@ -33,6 +35,7 @@ block boundary is not kept) and models on the "own" path.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,13 +58,32 @@ def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+#: An arena's size: block slots are allocated this many bytes at a time and reused,
+#: since writing into freshly allocated memory (first-touch page faults) cost ten
+#: times the copy itself: 0.86 s against 0.08 s for a wave's 592 blocks of the
+#: 135M-shaped model, 4% of its step time at 0% hits (bench/prefix.py).
+ARENA_BYTES = 64 << 20
+
+
+@dataclass(eq=False)
+class Arena:
+    """Slots for blocks, one allocation: [slots, a block's keys and values, flat]."""
+
+    data: torch.Tensor
+    #: The block hash in each slot, or None; and the free slots (a stack).
+    hashes: list[int | None]
+    free: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
 @dataclass(eq=False)
 class Block:
     tokens: tuple[int, ...]
-    #: Per layer (by ``layer_idx``): keys and values [kv heads, BLOCK_TOKENS, dim], or None
-    #: for a layer that keeps none.
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
+    arena: Arena
+    slot: int
 
 
 class PrefixCache:
@@ -69,12 +91,18 @@ class PrefixCache:
     the engine's thread hits and stores; another model's batch or a model being
     loaded may take memory back (``evict``)."""
 
-    def __init__(self, seed: str, bytes_per_token: int):
+    def __init__(self, seed: str):
         self.seed = seed
-        self.bytes_per_block = bytes_per_token * BLOCK_TOKENS
         self._blocks: OrderedDict[int, Block] = OrderedDict()
         self._lock = threading.Lock()
         self._roots: dict[str, int] = {}
+        #: Where a block's ``data`` holds each layer's keys (0) and values (1): (which,
+        #: layer, offset, shape [kv heads, BLOCK_TOKENS, dim]); set at the first store.
+        self._layout: list[tuple[int, int, tuple[int, int, int]]] = []
+        self._layers = 0
+        self._block_numel = 0
+        self._arenas: list[Arena] = []
+        self._held = 0  # the arenas' bytes
         #: Prompt tokens looked up and tokens found (Prometheus counters, in tokens).
         self.queries = 0
         self.hits = 0
@@ -84,7 +112,8 @@ class PrefixCache:
 
     @property
     def bytes(self) -> int:
-        return len(self._blocks) * self.bytes_per_block
+        """What the arenas hold (an arena counts whole while it is kept)."""
+        return self._held
 
     def root(self, salt: str) -> int:
         if salt not in self._roots:
@@ -108,18 +137,83 @@ class PrefixCache:
     def __contains__(self, block: int) -> bool:
         return block in self._blocks
 
-    def store(self, block: int, tokens: tuple[int, ...], keys: list[torch.Tensor | None], values: list[torch.Tensor | None],
-              limit_bytes: int) -> None:
-        """Keeps a copy of a full block's keys and values (views into a row: copied
-        here), making room within ``limit_bytes`` from the least recently used."""
-        if limit_bytes < self.bytes_per_block:
-            return
-        copied = Block(tokens, [k.clone() if k is not None else None for k in keys],
-                       [v.clone() if v is not None else None for v in values])
+    def _store(self, row, cache, first: int, end: int, hashes: list[int], limit_bytes: int) -> None:
+        """Copies the row's blocks ``first`` to ``end`` into free slots, recycling the
+        least recently used blocks' once the arenas fill ``limit_bytes``; consecutive
+        slots take one copy per layer for them all."""
+        parts = [*cache.keys, *cache.values]  # every layer's keys, then every layer's values
+        if not self._layout:
+            self._layers = len(parts) // 2
+            offset = 0
+            for k, part in enumerate(parts):
+                if part is not None:
+                    shape = (part.shape[1], BLOCK_TOKENS, part.shape[3])
+                    self._layout.append((k, offset, shape))
+                    offset += math.prod(shape)
+            self._block_numel = offset
+        some = next(part for part in parts if part is not None)
         with self._lock:
-            self._blocks[block] = copied
-            while self.bytes > limit_bytes:
-                self._blocks.popitem(last=False)
+            if self._held > limit_bytes:
+                self._release(self._held - limit_bytes)
+            slots = []
+            for _ in range(first, end):
+                slot = self._free_slot(some, limit_bytes)
+                if slot is None:
+                    break
+                slots.append(slot)
+            j = first
+            for arena, start, count in _runs(slots):
+                columns = slice(j * BLOCK_TOKENS, (j + count) * BLOCK_TOKENS)
+                for k, offset, (heads, tokens, dim) in self._layout:
+                    source = parts[k][row.index, :, columns].view(heads, count, tokens, dim).transpose(0, 1)
+                    arena.data[start : start + count, offset : offset + heads * tokens * dim].view(count, heads, tokens, dim).copy_(source)
+                for slot in range(start, start + count):
+                    arena.hashes[slot] = hashes[j]
+                    self._blocks[hashes[j]] = Block(tuple(row.tokens[j * BLOCK_TOKENS : (j + 1) * BLOCK_TOKENS]), arena, slot)
+                    j += 1
+
+    def _free_slot(self, like: torch.Tensor, limit_bytes: int) -> tuple[Arena, int] | None:
+        """A slot: a free one, a new arena's within ``limit_bytes``, or the least
+        recently used block's. Under the lock."""
+        for arena in self._arenas:
+            if arena.free:
+                return arena, arena.free.pop()
+        block_bytes = self._block_numel * like.element_size()
+        slots = min(ARENA_BYTES, limit_bytes - self._held) // block_bytes
+        if slots >= 1:
+            arena = Arena(like.new_empty((slots, self._block_numel)), [None] * slots, list(range(slots - 1, -1, -1)))
+            self._arenas.append(arena)
+            self._held += arena.nbytes
+            return arena, arena.free.pop()
+        if not self._blocks:
+            return None
+        key, block = self._blocks.popitem(last=False)
+        block.arena.hashes[block.slot] = None
+        return block.arena, block.slot
+
+    def _release(self, nbytes: int) -> int:
+        """Frees whole arenas, the least recently used block's first, with every block
+        in them, until ``nbytes`` are freed; returns the bytes freed. Under the lock."""
+        freed = 0
+        while self._arenas and freed < nbytes:
+            arena = next((a for a in self._arenas if len(a.free) == len(a.hashes)), None)
+            if arena is None:
+                arena = next(iter(self._blocks.values())).arena if self._blocks else self._arenas[0]
+            for key in arena.hashes:
+                if key is not None:
+                    del self._blocks[key]
+            self._arenas.remove(arena)
+            self._held -= arena.nbytes
+            freed += arena.nbytes
+        return freed
+
+    def parts(self, block: Block) -> list[torch.Tensor | None]:
+        """Views of a block's keys and values, as ``store`` took them."""
+        parts: list[torch.Tensor | None] = [None] * (2 * self._layers)
+        data = block.arena.data[block.slot]
+        for k, offset, shape in self._layout:
+            parts[k] = data[offset : offset + math.prod(shape)].view(shape)
+        return parts
 
     # A row's side (worker/engine/batch.py's Row: ``tokens``, ``root``, ``hashes``,
     # ``published``, ``cached``, ``looked_up``).
@@ -142,7 +236,7 @@ class PrefixCache:
         n = min(len(blocks) * BLOCK_TOKENS, prompt - 1 - row.length)
         if n <= 0:
             return 0
-        cache.load(row.index, row.length, blocks, n)
+        cache.load(row.index, row.length, [self.parts(block) for block in blocks], n)
         row.length += n
         row.cached += n
         row.published = max(row.published, first + len(blocks))
@@ -161,28 +255,24 @@ class PrefixCache:
         if row.root is None:
             return
         full = row.length // BLOCK_TOKENS
+        if full <= row.published:
+            return
         hashes = hashes_upto(row, full)
-        for j in range(row.published, full):
-            if hashes[j] not in self._blocks:
-                start, end = j * BLOCK_TOKENS, (j + 1) * BLOCK_TOKENS
-                keys = [k[row.index, :, start:end] if k is not None else None for k in cache.keys]
-                values = [v[row.index, :, start:end] if v is not None else None for v in cache.values]
-                self.store(hashes[j], tuple(row.tokens[start:end]), keys, values, limit_bytes)
+        j = row.published
+        while j < full:  # each run of blocks not cached yet, stored together
+            end = j
+            while end < full and hashes[end] not in self._blocks:
+                end += 1
+            if end > j:
+                self._store(row, cache, j, end, hashes, limit_bytes)
+            j = end + 1
         row.published = full
 
     def evict(self, nbytes: int) -> int:
-        """Drops least recently used blocks until ``nbytes`` are freed (or none is
+        """Gives back whole arenas (``_release``) until ``nbytes`` are freed (or none is
         left); returns the bytes freed."""
-        freed = 0
         with self._lock:
-            while self._blocks and freed < nbytes:
-                self._blocks.popitem(last=False)
-                freed += self.bytes_per_block
-        return freed
-
-    def clear(self) -> None:
-        with self._lock:
-            self._blocks.clear()
+            return self._release(nbytes)
 
 
 def hashes_upto(row, blocks: int) -> list[int]:
@@ -192,3 +282,14 @@ def hashes_upto(row, blocks: int) -> list[int]:
         k = len(hashes)
         hashes.append(block_hash(hashes[-1] if hashes else row.root, tuple(row.tokens[k * BLOCK_TOKENS : (k + 1) * BLOCK_TOKENS])))
     return hashes
+
+
+def _runs(slots: list[tuple[Arena, int]]) -> list[tuple[Arena, int, int]]:
+    """(arena, first slot, count) for each run of consecutive slots of one arena."""
+    runs: list[tuple[Arena, int, int]] = []
+    for arena, slot in slots:
+        if runs and runs[-1][0] is arena and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1] = (arena, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((arena, slot, 1))
+    return runs

@@ -73,16 +73,18 @@ class Engine:
         arriving: Callable[[], int] = lambda: 0,
         prefix_seed: str | None = None,
         reclaim: Callable[[int], int] = lambda nbytes: 0,
+        prefix_cap: int = 1 << 62,
     ):
         """``arriving``: how many jobs for this model the worker has taken and not yet
         added. ``prefix_seed``: the model's identity (repository, revision, dtype) for
         its prefix cache; None turns prefix caching off. ``reclaim``: frees other
-        models' cached prefix blocks (bytes wanted → freed)."""
+        models' cached prefix blocks (bytes wanted → freed). ``prefix_cap``: the most
+        the prefix cache holds."""
         self.name = name
         self._arriving = arriving
         self.batch = batch_for(model, prefix_seed)
         # The prefix cache may hold what the budget leaves beside the rows' reservation.
-        self.batch.prefix_room = lambda: max(0, kv_budget() - self.batch.cache.reserved_bytes())
+        self.batch.prefix_room = lambda: max(0, min(prefix_cap, kv_budget() - self.batch.cache.reserved_bytes()))
         self._counted = (0, 0, 0)  # the prefix cache's queries and hits, and the preemptions, last reported
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget, reclaim)
         self._writer = StepWriter(writer_connection)
