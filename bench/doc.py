@@ -16,7 +16,7 @@ def replace_section(title: str, section: str, doc: Path = DOC) -> None:
     text = doc.read_text() if doc.exists() else HEADER
     head, *sections = text.split("\n## ")
     new = section.strip("\n").removeprefix("## ") + "\n"
-    at = next((i for i, s in enumerate(sections) if s.startswith(title)), None)
+    at = _find(sections, title)
     if at is None:
         sections.append(new)
     else:
@@ -30,4 +30,14 @@ def section_text(title: str, doc: Path = DOC) -> str:
     if not doc.exists():
         return ""
     _, *sections = doc.read_text().split("\n## ")
-    return next((s for s in sections if s.startswith(title)), "")
+    at = _find(sections, title)
+    return "" if at is None else sections[at]
+
+
+def _find(sections: list[str], title: str) -> int | None:
+    """The section headed ``title`` exactly, else the first whose heading starts so
+    ("Relay overhead" heads "Relay overhead: tokens/s and …"); an exact match first,
+    since "Prefix caching" is not "Prefix caching: what the figures say"."""
+    headings = [s.split("\n", 1)[0] for s in sections]
+    exact = next((i for i, h in enumerate(headings) if h == title), None)
+    return exact if exact is not None else next((i for i, h in enumerate(headings) if h.startswith(title)), None)

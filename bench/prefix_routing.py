@@ -9,7 +9,7 @@ second), groups interleaved, ``--out`` tokens out, streamed through
 ``/v1/completions``. Hit rate: both workers' ``hive_prefix_cache_hits_total`` over
 what one ideal cache would find (bench/prefix.py's ``ideal_hits``).
 
-    python -m bench.prefix_routing                 # ~6 min here
+    python -m bench.prefix_routing                 # ~8 min here
     python -m bench.prefix_routing --requests 16 --no-write
 """
 
@@ -35,7 +35,7 @@ from tests import processes
 
 
 @contextlib.contextmanager
-def two_workers(root: Path, routing: bool, batch: int) -> Iterator[tuple[str, list[str]]]:
+def two_workers(root: Path, routing: bool, batch: int, cache_memory: str) -> Iterator[tuple[str, list[str]]]:
     """(the hive's URL, the workers' metrics URLs), every process stopped on leaving."""
     logs = root / f"logs-{routing}"
     logs.mkdir(exist_ok=True)
@@ -56,7 +56,8 @@ def two_workers(root: Path, routing: bool, batch: int) -> Iterator[tuple[str, li
             procs.append(processes.start(
                 f"worker-{n}",
                 processes.hive_command("worker", "--redis-url", redis_url, "--device", "cpu", "--log-level", "warning",
-                                       "--max-batch", str(batch), "--metrics-port", str(metrics_port), "--name", f"w{n}"),
+                                       "--max-batch", str(batch), "--metrics-port", str(metrics_port), "--name", f"w{n}",
+                                       "--prefix-cache-memory", cache_memory),
                 logs,
                 env={"HF_ENDPOINT": hub_url, "HF_HOME": str(root / "hf")},
             ))
@@ -85,9 +86,16 @@ def run(root: Path, routing: bool, tokenizer, args) -> dict:
     rng = random.Random(3)
     systems = [words(tokenizer, rng, args.system) for _ in range(args.groups)]
     prompts = [systems[k % args.groups] + words(tokenizer, rng, args.question) for k in range(args.requests)]
-    with two_workers(root, routing, args.batch) as (url, metrics):
-        # Both workers warm: two requests at once, unrelated to the groups.
-        asyncio.run(open_loop(url, [words(tokenizer, rng, 16) for _ in range(2)], 1000.0, 4, tokenizer))
+    with two_workers(root, routing, args.batch, args.cache_memory) as (url, metrics):
+        # Both workers warm (a cold worker is never routed to while a warm one has a
+        # free slot): bursts of requests unrelated to the groups until both hold the model.
+        for _ in range(10):
+            asyncio.run(open_loop(url, [words(tokenizer, rng, 16) for _ in range(3 * args.batch)], 1000.0, 32, tokenizer))
+            held = [w for w in httpx.get(f"{url}/v1/workers", timeout=5).json()["workers"] if any(m["model"] == MODEL for m in w["models"])]
+            if len(held) == 2:
+                break
+        else:
+            raise RuntimeError("the second worker never loaded the model")
         before = [prefix_counters(m)[0] for m in metrics]
         result = asyncio.run(open_loop(url, prompts, args.rate, args.out, tokenizer))
         after = [prefix_counters(m)[0] for m in metrics]
@@ -101,13 +109,15 @@ def run(root: Path, routing: bool, tokenizer, args) -> dict:
 
 def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--system", type=int, default=512)
     parser.add_argument("--question", type=int, default=64)
     parser.add_argument("--out", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=2.0, help="arrivals a second")
+    parser.add_argument("--rate", type=float, default=0.3, help="arrivals a second (0.5 overloads this CPU: every job then queues, and no routing can choose)")
     parser.add_argument("--batch", type=int, default=8, help="each worker's --max-batch")
+    parser.add_argument("--cache-memory", default="128MiB",
+                        help="each worker's --prefix-cache-memory: about five of the eight groups' prompts, so that no worker holds them all")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -137,8 +147,8 @@ def main(argv: list[str] | None = None) -> list[Figure]:
             f"""## Cache-aware routing
 
 `{command}` on this machine ({os.cpu_count()} cores, no GPU; both workers, the hive, redis-server and the load share them),
-{time.strftime('%Y-%m-%d')}. One hive, two workers (`--max-batch {args.batch}` each, prefix cache on), the 135M-shaped Llama
-of bench/batching.py. {args.requests} streaming requests arriving open loop ({args.rate:g} a second, Poisson), {args.groups} groups
+{time.strftime('%Y-%m-%d')}. One hive, two workers (`--max-batch {args.batch}` each, prefix cache on, `--prefix-cache-memory {args.cache_memory}`:
+about five of the eight groups' prompts, so that neither worker holds them all), the 135M-shaped Llama of bench/batching.py. {args.requests} streaming requests arriving open loop ({args.rate:g} a second, Poisson), {args.groups} groups
 interleaved, each group a {args.system}-token system prompt, each request its own {args.question}-token question, {args.out} tokens out.
 One run each (single figures, not medians).
 

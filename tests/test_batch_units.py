@@ -196,3 +196,35 @@ def test_a_batch_at_its_memory_budget_preempts_and_answers_as_with_room(arch):
     for salt in ("k", None):
         answers, preempted = _run_to_end(model, prompts, 60, tight, salt)
         assert preempted > 0 and answers == roomy, salt
+
+
+def test_a_full_prefix_cache_reuses_its_least_recently_used_slots_and_gives_memory_back():
+    from worker.engine.batch import Batch
+    from worker.engine.prefix_cache import BLOCK_TOKENS
+    from worker.engine.self_check import batch_path
+
+    reference, model = _model("llama")
+    batch = Batch(model, batch_path(model), prefix_seed="test-model")
+    block_bytes = model.config.num_hidden_layers * 2 * 2 * 16 * 4 * BLOCK_TOKENS
+    batch.prefix_room = lambda: 4 * block_bytes  # four blocks
+    g = torch.Generator().manual_seed(4)
+    prompts = {k: torch.randint(1, VOCAB, (50,), generator=g).tolist() for k in "abc"}
+    batch.reserve(2, 128)
+
+    def prefill(name: str) -> int:
+        row = batch.add(name, prompts[name], 60, "k")
+        found = batch.reuse(row)
+        ready, logits = batch.forward({row: row.prompt_left})
+        with torch.inference_mode():
+            expected = reference(input_ids=torch.tensor([prompts[name]])).logits[0, -1]
+        torch.testing.assert_close(logits[0], expected, atol=2e-4, rtol=1e-4)
+        batch.remove(row)
+        return found
+
+    assert prefill("a") == 0  # three full blocks kept of a's 50 tokens
+    assert prefill("a") == 48 and batch.prefix.bytes == 4 * block_bytes
+    assert prefill("b") == 0  # b's three blocks: a free slot, then a's tail's two (a keeps its head)
+    assert prefill("a") == 16  # a's head; its tail takes b's tail's slots in turn
+    assert prefill("b") == 16
+    assert batch.prefix.evict(1) == 4 * block_bytes and batch.prefix.bytes == 0  # the arena goes back whole
+    assert prefill("b") == 0

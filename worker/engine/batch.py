@@ -162,6 +162,8 @@ class Batch:
         return self.prefix.reuse(row, self.cache) if self.prefix is not None else 0
 
     def remove(self, row: Row) -> None:
+        if self.prefix is not None:
+            self.prefix.leave(row)
         last = self.rows.pop()
         if last is not row:
             self.cache.move(last.index, row.index, last.length)

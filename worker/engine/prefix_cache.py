@@ -96,8 +96,8 @@ class PrefixCache:
         self._blocks: OrderedDict[int, Block] = OrderedDict()
         self._lock = threading.Lock()
         self._roots: dict[str, int] = {}
-        #: Where a block's ``data`` holds each layer's keys (0) and values (1): (which,
-        #: layer, offset, shape [kv heads, BLOCK_TOKENS, dim]); set at the first store.
+        #: Where a slot holds each layer's keys, then each layer's values: (index in
+        #: ``parts``, offset, shape [kv heads, BLOCK_TOKENS, dim]); set at the first store.
         self._layout: list[tuple[int, int, tuple[int, int, int]]] = []
         self._layers = 0
         self._block_numel = 0
@@ -130,12 +130,8 @@ class PrefixCache:
                 if block is None or block.tokens != tuple(tokens[j * BLOCK_TOKENS : (j + 1) * BLOCK_TOKENS]):
                     break
                 found.append(block)
-            for j in reversed(range(first, first + len(found))):
-                self._blocks.move_to_end(hashes[j])
+            self._touch(hashes, first, first + len(found))
         return found
-
-    def __contains__(self, block: int) -> bool:
-        return block in self._blocks
 
     def _store(self, row, cache, first: int, end: int, hashes: list[int], limit_bytes: int) -> None:
         """Copies the row's blocks ``first`` to ``end`` into free slots, recycling the
@@ -171,6 +167,20 @@ class PrefixCache:
                     arena.hashes[slot] = hashes[j]
                     self._blocks[hashes[j]] = Block(tuple(row.tokens[j * BLOCK_TOKENS : (j + 1) * BLOCK_TOKENS]), arena, slot)
                     j += 1
+            self._touch(hashes, first, j)
+
+    def _touch(self, hashes: list[int], first: int, end: int) -> None:
+        """Blocks ``first`` to ``end`` of a chain are the most recently used, its head
+        most of all: a chain's tail is evicted before its head. Under the lock."""
+        for j in reversed(range(first, end)):
+            if hashes[j] in self._blocks:
+                self._blocks.move_to_end(hashes[j])
+
+    def leave(self, row) -> None:
+        """The row leaves the batch: its chain, head last, becomes the most recently used."""
+        if row.root is not None and row.published:
+            with self._lock:
+                self._touch(row.hashes, 0, row.published)
 
     def _free_slot(self, like: torch.Tensor, limit_bytes: int) -> tuple[Arena, int] | None:
         """A slot: a free one, a new arena's within ``limit_bytes``, or the least
