@@ -1,10 +1,10 @@
 """Which worker most likely holds a prompt's prefix in its cache: the hive's side of
-cache-aware routing (worker/engine/prefix_cache.py is the cache itself).
+cache-aware routing (worker/kv/prefix.py is the cache itself).
 
 The hive has no tokenizer, so it keys prefixes by characters, as SGLang's router
 does: the prompt's text (a chat's messages joined with their roles) cut at 512,
 1,024, 2,048 … characters, each cut hashed with the model and the API key's owner
-(a key's prompts are cached apart from another's: worker/engine/prefix_cache.py).
+(a key's prompts are cached apart from another's: worker/kv/prefix.py).
 Each hash names, in Redis, the worker that last ran a job starting so
 (``keys.prefix_affinity``, for AFFINITY_TTL_S); the submit script prefers that
 worker among the idle ones holding the model, unless it is far busier than the

@@ -70,7 +70,7 @@ class Settings:
     #: 0: the device's default (worker/runtime.py); 1: one job at a time.
     max_batch: int = 0
     #: Worker: keep the keys and values of computed prompt blocks for later prompts
-    #: that start alike (worker/engine/prefix_cache.py); and whose prompts may reuse
+    #: that start alike (worker/kv/prefix.py); and whose prompts may reuse
     #: whose: ``key`` (each API key its own; the default, since a hit is faster and
     #: timing would tell one key of another's prompt) or ``shared`` (every key alike).
     prefix_cache: bool = True

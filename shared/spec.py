@@ -221,7 +221,7 @@ class InferenceRequest(BaseModel):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     #: False: this job neither reuses cached prompt prefixes nor leaves its own for
-    #: later jobs (worker/engine/prefix_cache.py), as vLLM's per-request switch.
+    #: later jobs (worker/kv/prefix.py), as vLLM's per-request switch.
     prefix_cache: bool = True
     #: Cancel the job when its last follower disconnects (default: keep running, the
     #: two-call pattern lets a client come back with Last-Event-ID).

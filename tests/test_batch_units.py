@@ -92,8 +92,8 @@ def test_prompts_found_in_the_prefix_cache_give_the_logits_computed_from_scratch
     turn with its reply, a whole prompt) continue with the logits of the model alone;
     another salt (API key) finds nothing; blocks outlive the row that left them."""
     from worker.engine.batch import Batch
-    from worker.engine.prefix_cache import BLOCK_TOKENS
     from worker.engine.self_check import batch_path
+    from worker.kv.prefix import BLOCK_TOKENS
 
     reference, model = _model(arch)
     batch = Batch(model, batch_path(model), prefix_seed="test-model")
@@ -200,8 +200,8 @@ def test_a_batch_at_its_memory_budget_preempts_and_answers_as_with_room(arch):
 
 def test_a_full_prefix_cache_reuses_its_least_recently_used_slots_and_gives_memory_back():
     from worker.engine.batch import Batch
-    from worker.engine.prefix_cache import BLOCK_TOKENS
     from worker.engine.self_check import batch_path
+    from worker.kv.prefix import BLOCK_TOKENS
 
     reference, model = _model("llama")
     batch = Batch(model, batch_path(model), prefix_seed="test-model")

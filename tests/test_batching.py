@@ -225,7 +225,7 @@ def tight(redis_url, hub, log_dir, tmp_path_factory):
     the jobs below, not three."""
     import torch
 
-    from worker.engine.kv_cache import round_columns
+    from worker.kv.cache import round_columns
     from worker.model.loaded_models import weights_bytes
 
     weights = weights_bytes(DEMO_MODEL_DIR, torch.device("cpu"), "auto")

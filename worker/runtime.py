@@ -132,7 +132,7 @@ class WorkerRuntime:
         return sum(e.kv_reserved for e in engines)
 
     def _reclaim(self, nbytes: int, besides: tuple | None = None) -> int:
-        """Drops other models' cached prefix blocks (worker/engine/prefix_cache.py) to
+        """Drops other models' cached prefix blocks (worker/kv/prefix.py) to
         free ``nbytes`` for a batch or a model to load; returns the bytes freed."""
         with self._engines_lock:
             engines = [e for k, e in self._engines.items() if k != besides]

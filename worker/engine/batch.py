@@ -1,4 +1,4 @@
-"""The running sequences of one model as one batch: one KV cache (worker/engine/kv_cache.py)
+"""The running sequences of one model as one batch: one KV cache (worker/kv/cache.py)
 and one forward pass per step for all of them, decodes and prefills together
 (worker/engine/packed_attention.py).
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.engine.kv_cache import KVCache, kv_bytes_per_token
 from worker.engine.packed_attention import Segment, StepLayout, use_packed_attention
-from worker.engine.prefix_cache import PrefixCache
 from worker.engine.recurrent_state import RecurrentState, cache_keyword, has_attention, is_recurrent
+from worker.kv.cache import KVCache, kv_bytes_per_token
+from worker.kv.prefix import PrefixCache
 
 #: How a model's batch computes a step (worker/engine/self_check.py picks one per model):
 #: "packed": one forward for every row's tokens; a hybrid's recurrent layers get
@@ -49,7 +49,7 @@ class Row:
     passed_over: int = 0
     #: Its transformers cache, on the "own" path (``Batch._own``).
     own_cache: object = None
-    #: Prefix caching (worker/engine/prefix_cache.py): the chain's root (None: the row
+    #: Prefix caching (worker/kv/prefix.py): the chain's root (None: the row
     #: neither reads nor leaves blocks), its prompt then every token fed, its full
     #: blocks' hashes so far, the blocks kept or found cached, the prompt tokens it
     #: copied rather than computed, and whether its prompt was looked up yet.
@@ -78,7 +78,7 @@ class Batch:
         self.device = next(model.parameters()).device
         #: A hybrid or state-space model's per-row recurrent state (packed path); else None.
         self.states = None
-        #: The cached prefix blocks, where the model is eligible (worker/engine/prefix_cache.py).
+        #: The cached prefix blocks, where the model is eligible (worker/kv/prefix.py).
         self.prefix: PrefixCache | None = None
         #: The bytes the prefix cache may hold now (the engine sets it from its budget).
         self.prefix_room: Callable[[], int] = lambda: 1 << 62
@@ -148,7 +148,7 @@ class Batch:
     def add(self, owner, prompt_ids: list[int], max_length: int, salt: str | None = None, then: int | None = None) -> Row:
         """A row for a newcomer (within the reservation); its prompt is prefilled by
         the next steps' ``forward``. ``salt``: whose cached prefixes it may reuse
-        (worker/engine/prefix_cache.py); None: it neither reads nor leaves any.
+        (worker/kv/prefix.py); None: it neither reads nor leaves any.
         ``then``: a preempted job coming back (``Row.then``)."""
         assert len(self.rows) < self.cache.rows and (len(prompt_ids) if self.grows else max_length) <= self.cache.columns
         self._joined += 1

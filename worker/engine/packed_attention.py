@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from worker.engine.kv_cache import KVCache
 from worker.engine.unsupported import UnsupportedModel
+from worker.kv.cache import KVCache
 
 ATTENTION = "hive_packed"
 

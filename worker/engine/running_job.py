@@ -44,7 +44,7 @@ class RunningJob:
     #: (LoadedModel, keep_alive) while the job uses the model; released once.
     holding: tuple | None = None
     sequence: Sequence | None = None
-    #: Whose cached prefixes it may reuse (worker/engine/prefix_cache.py); None: it
+    #: Whose cached prefixes it may reuse (worker/kv/prefix.py); None: it
     #: neither reads nor leaves any. Its row in the batch, once admitted.
     cache_salt: str | None = None
     row: object = None

@@ -8,7 +8,7 @@ prompt longer than what is left is prefilled in chunks over the next steps
 (chunked prefill), so the running streams keep getting a token every step.
 
 Memory: the batch's cache holds one row per sequence, as wide as the longest
-needs (worker/engine/kv_cache.py), and that reservation is what the budget counts.
+needs (worker/kv/cache.py), and that reservation is what the budget counts.
 On the attention-only packed path (``Batch.grows``) a row takes columns as its
 tokens arrive: a newcomer is admitted, FIFO, when its prompt and a watermark fit,
 and when the rows' next tokens do not fit, the newest row is preempted and its job
@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Callable
 
 from worker.engine.batch import Batch, Row
-from worker.engine.kv_cache import round_columns
 from worker.engine.running_job import RunningJob
+from worker.kv.cache import round_columns
 
 #: How much larger than the base budget a step's prefill may be (``Scheduler.budget``).
 MAX_PREFILL_FACTOR = 4
@@ -143,7 +143,7 @@ class Scheduler:
     @staticmethod
     def _reuse(batch: Batch, prefilling: list[Row]) -> set[Row]:
         """Prefilling rows take what the prefix cache holds of their prompts
-        (worker/engine/prefix_cache.py). Returns the rows that wait a step instead:
+        (worker/kv/prefix.py). Returns the rows that wait a step instead:
         those whose next block an older row is about to compute, so that a burst
         sharing an uncached prefix computes it once (the older row's blocks are kept
         as they fill, and the others find them at a later step)."""

@@ -122,7 +122,7 @@ class KVCache:
 
     @torch.inference_mode()
     def load(self, row: int, start: int, blocks: list[list[torch.Tensor | None]], n: int) -> None:
-        """The first ``n`` tokens of prefix-cache blocks (worker/engine/prefix_cache.py:
+        """The first ``n`` tokens of prefix-cache blocks (worker/kv/prefix.py:
         each block's every layer's keys, then values, [kv heads, block tokens, dim])
         into row ``row`` from column ``start``: one copy per layer."""
         layers = len(blocks[0]) // 2
