@@ -50,8 +50,6 @@ CLOCK_WAIT_S = 10.0
 #: How often a job's thread wakes while the engine runs its job: RQ's timeout
 #: (TimerDeathPenalty) raises in this thread, and only between Python bytecodes.
 WAIT_POLL_S = 0.2
-#: The prefix cache's default size on the CPU (shared/settings.py ``prefix_cache_bytes``).
-PREFIX_CACHE_CPU_BYTES = 1 << 30
 
 
 def default_max_batch(device: torch.device) -> int:
@@ -125,21 +123,20 @@ class WorkerRuntime:
             except Exception:  # expiry loop boundary: try again next second
                 log.exception("unloading expired models failed")
 
+    def _engines_but(self, besides: tuple | None) -> list[Engine]:
+        with self._engines_lock:
+            return [e for k, e in self._engines.items() if k != besides]
+
     def _kv_bytes(self, besides: tuple | None = None) -> int:
         """The KV-cache bytes the batches may take (of every model but ``besides``)."""
-        with self._engines_lock:
-            engines = [e for k, e in self._engines.items() if k != besides]
-        return sum(e.kv_reserved for e in engines)
+        return sum(e.kv_reserved for e in self._engines_but(besides))
 
     def _reclaim(self, nbytes: int, besides: tuple | None = None) -> int:
-        """Drops other models' cached prefix blocks (worker/kv/prefix.py) to
-        free ``nbytes`` for a batch or a model to load; returns the bytes freed."""
-        with self._engines_lock:
-            engines = [e for k, e in self._engines.items() if k != besides]
+        """Drops cached prefix blocks (worker/kv/prefix.py) of every model but ``besides``
+        to free ``nbytes`` for a batch or a model to load; returns the bytes freed."""
         freed = 0
-        for engine in engines:
-            if freed < nbytes:
-                freed += engine.reclaim(nbytes - freed)
+        for engine in self._engines_but(besides):
+            freed += engine.reclaim(nbytes - freed) if freed < nbytes else 0
         return freed
 
     def engine_for(self, loaded: LoadedModel) -> Engine:
@@ -158,7 +155,7 @@ class WorkerRuntime:
                     lambda: sum(j.model == loaded.repo_id and j.phase == "taken" for j in self.running.active()),
                     f"{loaded.repo_id}@{loaded.revision or 'main'}:{loaded.model.dtype}" if self.settings.prefix_cache else None,
                     reclaim=lambda nbytes: self._reclaim(nbytes, besides=loaded.key),
-                    prefix_cap=self.settings.prefix_cache_bytes or (PREFIX_CACHE_CPU_BYTES if self.device.type == "cpu" else 1 << 62),
+                    prefix_cap=self.settings.prefix_cache_bytes,
                 )
                 self._engines[loaded.key] = engine
             return engine
@@ -185,10 +182,8 @@ class WorkerRuntime:
             )
             if job.reporter.cancelled_before_start:
                 job.cancelled.set()
-            if not routed_here and self.settings.prefix_cache and job.reporter.prefixes:
-                # Taken off the shared queue: this worker will hold the prompt's prefix
-                # (the submit script names the worker it routes a job to itself).
-                self.presence.hold_prefixes(job.reporter.prefixes)
+            if not routed_here and self.settings.prefix_cache and job.reporter.prefixes:  # (routed: the hive named it)
+                self.presence.hold_prefixes(job.reporter.prefixes)  # off the shared queue: the prompt's prefix is here now
             self._run_to_end(job, spec, kind)
         except REDIS_DOWN as e:
             self._after_outage(job, e)

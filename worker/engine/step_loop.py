@@ -32,6 +32,7 @@ from worker.engine.scheduler import Scheduler
 from worker.engine.self_check import batch_for
 from worker.engine.step_writer import StepWriter
 from worker.grammar.constraint import apply_mask, masks_for
+from worker.kv.prefix import default_cap
 
 log = logging.getLogger("worker.engine")
 
@@ -73,17 +74,18 @@ class Engine:
         arriving: Callable[[], int] = lambda: 0,
         prefix_seed: str | None = None,
         reclaim: Callable[[int], int] = lambda nbytes: 0,
-        prefix_cap: int = 1 << 62,
+        prefix_cap: int = 0,
     ):
         """``arriving``: how many jobs for this model the worker has taken and not yet
         added. ``prefix_seed``: the model's identity (repository, revision, dtype) for
         its prefix cache; None turns prefix caching off. ``reclaim``: frees other
         models' cached prefix blocks (bytes wanted → freed). ``prefix_cap``: the most
-        the prefix cache holds."""
+        the prefix cache holds; 0: worker/kv/prefix.py's default for the device."""
         self.name = name
         self._arriving = arriving
         self.batch = batch_for(model, prefix_seed)
         # The prefix cache may hold what the budget leaves beside the rows' reservation.
+        prefix_cap = prefix_cap or default_cap(self.batch.device)
         self.batch.prefix_room = lambda: max(0, min(prefix_cap, kv_budget() - self.batch.cache.reserved_bytes()))
         self._counted = (0, 0, 0)  # the prefix cache's queries and hits, and the preemptions, last reported
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget, reclaim)

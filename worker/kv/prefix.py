@@ -63,6 +63,14 @@ def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
 #: times the copy itself: 0.86 s against 0.08 s for a wave's 592 blocks of the
 #: 135M-shaped model, 4% of its step time at 0% hits (bench/prefix.py).
 ARENA_BYTES = 64 << 20
+#: The cache's size on the CPU unless the operator sets one (--prefix-cache-memory):
+#: once full, its memory is reused rather than grown.
+CPU_CAP_BYTES = 1 << 30
+
+
+def default_cap(device: torch.device) -> int:
+    """1 GiB on the CPU; elsewhere, whatever the rows leave of the budget."""
+    return CPU_CAP_BYTES if device.type == "cpu" else 1 << 62
 
 
 @dataclass(eq=False)
