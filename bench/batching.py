@@ -178,15 +178,21 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def token_path(metrics_url: str) -> tuple[float, float]:
-    """(Redis commands the worker's engine sent for tokens, tokens generated), from
-    the worker's own /metrics."""
+def metric_totals(metrics_url: str) -> dict[str, float]:
+    """Each sample name on a worker's /metrics, summed over its labels."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {}
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def token_path(metrics_url: str) -> tuple[float, float]:
+    """(Redis commands the worker's engine sent for tokens, tokens generated), from
+    the worker's own /metrics."""
+    values = metric_totals(metrics_url)
     return values.get("hive_token_commands_total", 0.0), values.get("hive_generated_tokens_total", 0.0)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.batching import MODEL, Stream, build, one_request, start_peer, summarise
+from bench.batching import MODEL, Stream, build, metric_totals, one_request, start_peer, summarise
 from bench.cluster import one_worker_cluster
 from bench.doc import replace_section
 from bench.figure import Figure, spread
@@ -77,12 +77,7 @@ def ideal_hits(prompts: list[list[int]]) -> int:
 def prefix_counters(metrics_url: str | None) -> tuple[float, float]:
     if metrics_url is None:
         return 0.0, 0.0
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    values = metric_totals(metrics_url)
     return values.get("hive_prefix_cache_hits_total", 0.0), values.get("hive_prefix_cache_queries_total", 0.0)
 
 

@@ -226,9 +226,8 @@ class Batch:
             self.feed(row, row.then)
             row.then = None
         if self.prefix is not None:
-            room = self.prefix_room()
             for row in self.rows:
-                self.prefix.publish(row, self.cache, room)
+                self.prefix.publish(row, self.cache, self.prefix_room)
         return ready, out.logits[0]
 
     def _forward_recurrent(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:

@@ -38,6 +38,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,8 +269,10 @@ class PrefixCache:
         block = row.length // BLOCK_TOKENS
         return hashes_upto(row, block + 1)[block]
 
-    def publish(self, row, cache, limit_bytes: int) -> None:
-        """Keeps the row's blocks that have filled since it last published."""
+    def publish(self, row, cache, room: Callable[[], int]) -> None:
+        """Keeps the row's blocks that have filled since it last published, within
+        ``room()`` bytes (asked only when a block has filled: it reads the worker's
+        budget, under a lock, and most steps fill none)."""
         if row.root is None:
             return
         full = row.length // BLOCK_TOKENS
@@ -282,7 +285,7 @@ class PrefixCache:
             while end < full and hashes[end] not in self._blocks:
                 end += 1
             if end > j:
-                self._store(row, cache, j, end, hashes, limit_bytes)
+                self._store(row, cache, j, end, hashes, room())
             j = end + 1
         row.published = full
 
