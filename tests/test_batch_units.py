@@ -38,8 +38,19 @@ def _model(arch: str):
     return reference, copy.deepcopy(reference)
 
 
+@pytest.mark.parametrize("pool", ["roomy", "tight", "gathered"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-window", "gemma2"])
-def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
+def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch, pool, monkeypatch):
+    """Rows join, grow, leave and are packed in a pool of token slots; the decode
+    attends per row (the CPU's way) or gathered into one call (CUDA's, here on the CPU)."""
+    from worker.engine import packed_attention
+    from worker.kv.cache import KVCache
+
+    if pool == "gathered":
+        monkeypatch.setattr(packed_attention, "GATHER_DEVICES", {"cpu", "cuda"})
+    packs = []
+    pack = KVCache._pack
+    monkeypatch.setattr(KVCache, "_pack", lambda self, *args: packs.append(args) or pack(self, *args))
     reference, model = _model(arch)
     batch = batch_for(model)
     g = torch.Generator().manual_seed(1)
@@ -49,7 +60,9 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     texts = {k: torch.randint(1, VOCAB, (n + 40,), generator=g).tolist() for k, n in lengths.items()}
     with torch.inference_mode():
         expected = {k: reference(input_ids=torch.tensor([t])).logits[0] for k, t in texts.items()}
-    batch.reserve(5, 128)
+    # Tight: two blocks beyond the rows' rooms at their most, so rows move and are packed.
+    batch.reserve(5, 5 * 128 if pool != "tight" else 304)
+    packs.clear()
     rows, fed = {}, {}
 
     def join(name):
@@ -84,6 +97,42 @@ def test_packed_steps_give_each_sequence_the_logits_it_has_alone(arch):
     for _ in range(20):  # past the sliding windows
         step({})
     assert fed == {"a": 11, "b": 32, "c": 30, "d": 30, "e": 21, "f": 21}
+    assert packs or pool != "tight"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_equal_rows_decode_as_one_view_of_the_pool(arch, monkeypatch):
+    """A burst of equal prompts: their rooms are kept one size at a regular stride as
+    they grow, and every decode step reads all four as one strided view, with the
+    logits each has alone (a longer row beside them still gets its own)."""
+    from worker.engine import packed_attention
+
+    groups = []
+    layout = packed_attention.StepLayout.__init__
+
+    def record(self, *args, **kwargs):
+        layout(self, *args, **kwargs)
+        groups.append(sorted(len(group.rows) for group in self._groups))
+
+    monkeypatch.setattr(packed_attention.StepLayout, "__init__", record)
+    reference, model = _model(arch)
+    batch = batch_for(model)
+    g = torch.Generator().manual_seed(5)
+    texts = [torch.randint(1, VOCAB, (60,), generator=g).tolist() for _ in range(4)]
+    with torch.inference_mode():
+        expected = [reference(input_ids=torch.tensor([t])).logits[0] for t in texts]
+    batch.reserve(4, 4 * 64)
+    rows = [batch.add(k, text[:20], 60) for k, text in enumerate(texts)]
+    groups.clear()
+    chunks = {row: 20 for row in rows}
+    for position in range(19, 59):
+        ready, logits = batch.forward(chunks)
+        chunks = {}
+        for row, row_logits in zip(ready, logits):
+            torch.testing.assert_close(row_logits, expected[row.owner][position], atol=2e-4, rtol=1e-4)
+            batch.feed(row, texts[row.owner][position + 1])
+    assert groups[1:] == [[4]] * 39  # past the prompts' step, every decode is one group
+    assert len({row.room for row in rows}) == 1 and rows[3].start - rows[2].start == rows[1].start - rows[0].start == rows[0].room
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-window", "gemma2"])
@@ -112,7 +161,7 @@ def test_prompts_found_in_the_prefix_cache_give_the_logits_computed_from_scratch
     salts = {"a": "k1", "b": "k1", "a2": "k1", "same": "k1", "other": "k2"}
     with torch.inference_mode():
         expected = {k: reference(input_ids=torch.tensor([p + extra])).logits[0] for k, p in prompts.items()}
-    batch.reserve(4, 256)
+    batch.reserve(4, 4 * 256)
     rows, fed = {}, {}
 
     def join(name):
@@ -209,7 +258,7 @@ def test_a_full_prefix_cache_reuses_its_least_recently_used_slots_and_gives_memo
     batch.prefix_room = lambda: 4 * block_bytes  # four blocks
     g = torch.Generator().manual_seed(4)
     prompts = {k: torch.randint(1, VOCAB, (50,), generator=g).tolist() for k in "abc"}
-    batch.reserve(2, 128)
+    batch.reserve(2, 2 * 128)
 
     def prefill(name: str) -> int:
         row = batch.add(name, prompts[name], 60, "k")

@@ -225,12 +225,12 @@ def tight(redis_url, hub, log_dir, tmp_path_factory):
     the jobs below, not three."""
     import torch
 
-    from worker.kv.cache import round_columns
+    from worker.kv.cache import round_tokens
     from worker.model.loaded_models import weights_bytes
 
     weights = weights_bytes(DEMO_MODEL_DIR, torch.device("cpu"), "auto")
     per_token = 2 * 4 * 2 * 16 * 4  # K and V × 4 layers × 2 KV heads × 16 dims × fp32
-    row = round_columns(ROW_TOKENS) * per_token  # a row's reservation
+    row = round_tokens(ROW_TOKENS) * per_token  # a row's room at its longest
     budget = weights + int(2.5 * row)
     url, queue, hive, worker = start_cluster(
         "tight", redis_url, hub, log_dir, tmp_path_factory.mktemp("hf-tight"), "--max-batch", "8", "--token-delay-ms", "40",

@@ -36,7 +36,7 @@ PATHS = ("packed", "own")
 class Row:
     owner: object  # the engine's RunningJob
     prompt_ids: list[int]
-    #: The most tokens it can hold: its prompt and max_tokens (its reservation).
+    #: The most tokens it can have: its prompt and max_tokens.
     max_length: int
     index: int
     #: Order of arrival in the batch (rows move when others leave).
@@ -47,6 +47,9 @@ class Row:
     next_id: int | None = None
     #: Steps in a row that gave this prefilling row no chunk (the scheduler's).
     passed_over: int = 0
+    #: Its room in the KV cache: ``room`` slots from slot ``start`` (worker/kv/cache.py).
+    start: int = 0
+    room: int = 0
     #: Its transformers cache, on the "own" path (``Batch._own``).
     own_cache: object = None
     #: Prefix caching (worker/kv/prefix.py): the chain's root (None: the row
@@ -82,12 +85,14 @@ class Batch:
         self.prefix: PrefixCache | None = None
         #: The bytes the prefix cache may hold now (the engine sets it from its budget).
         self.prefix_room: Callable[[], int] = lambda: 1 << 62
+        #: ``rows[i].index == i``.
+        self.rows: list[Row] = []
         if path == "packed":
             recurrent = is_recurrent(model)
             if has_attention(model):
                 use_packed_attention(model, recurrent)
             self.states = RecurrentState(model) if recurrent else None
-            self.cache = KVCache(kv_bytes_per_token(model), self.states.bytes_per_row if self.states else 0)
+            self.cache = KVCache(self.rows, kv_bytes_per_token(model), self.states.bytes_per_row if self.states else 0)
             if prefix_seed is not None and self.states is None:
                 self.prefix = PrefixCache(prefix_seed)
         else:
@@ -96,9 +101,7 @@ class Batch:
                 model.set_attn_implementation(loaded_with)  # what generate runs
             # Nothing is allocated here (each row's own cache holds its tokens): the
             # reservation only counts, at the sizes the self-check measured.
-            self.cache = KVCache(*getattr(model, "_hive_own_cache_bytes", (kv_bytes_per_token(model), 0)))
-        #: ``rows[i].index == i``.
-        self.rows: list[Row] = []
+            self.cache = KVCache(self.rows, *getattr(model, "_hive_own_cache_bytes", (kv_bytes_per_token(model), 0)))
         self._joined = 0
 
     def __len__(self) -> int:
@@ -117,17 +120,37 @@ class Batch:
     def decoding(self) -> int:
         return sum(row.next_id is not None for row in self.rows)
 
-    def reserve(self, count: int, columns: int) -> None:
-        """The cache's reservation: ``count`` sequences of up to ``columns`` tokens."""
-        used_columns = max((row.length for row in self.rows), default=0)
-        self.cache.reserve(count, columns, len(self.rows), used_columns)
+    def reserve(self, count: int, tokens: int) -> None:
+        """The cache's reservation: ``tokens`` slots, and state for ``count`` sequences
+        where the model keeps a recurrent one."""
+        self.cache.reserve(tokens)
         if self.states is not None:
             self.states.reserve(count, len(self.rows))
+
+    @property
+    def state_rows(self) -> int:
+        """The rows a hybrid's recurrent state is reserved for (0 without one)."""
+        return self.states.rows if self.states is not None else 0
+
+    @property
+    def row_capacity(self) -> int:
+        """How many rows the reservation holds (unbounded without a recurrent state)."""
+        return self.states.rows if self.states is not None else 1 << 30
 
     @property
     def allocated_bytes(self) -> int:
         return (self.cache.allocated_bytes + (self.states.allocated_bytes if self.states else 0)
                 + (self.prefix.bytes if self.prefix is not None else 0))
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the reservation holds: the pool, and a hybrid's state rows."""
+        return self.cache.reserved_bytes(rows=self.state_rows)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the rows' rooms hold (beside a hybrid's per-row state)."""
+        return self.cache.held * self.cache.bytes_per_token + len(self.rows) * self.cache.bytes_per_row
 
     @property
     def used_bytes(self) -> int:
@@ -141,20 +164,22 @@ class Batch:
         packed path, whose rows a preempted job can recompute from its tokens alone."""
         return self.path == "packed" and self.states is None
 
-    def columns_now(self, row: Row) -> int:
-        """The columns ``row`` needs in the next step."""
+    def room_now(self, row: Row) -> int:
+        """The slots ``row`` needs in the next step."""
         return max(len(row.prompt_ids), row.length + 1) if self.grows else row.max_length
 
     def add(self, owner, prompt_ids: list[int], max_length: int, salt: str | None = None, then: int | None = None) -> Row:
         """A row for a newcomer (within the reservation); its prompt is prefilled by
         the next steps' ``forward``. ``salt``: whose cached prefixes it may reuse
-        (worker/kv/prefix.py); None: it neither reads nor leaves any.
-        ``then``: a preempted job coming back (``Row.then``)."""
-        assert len(self.rows) < self.cache.rows and (len(prompt_ids) if self.grows else max_length) <= self.cache.columns
+        (worker/kv/prefix.py); None: it neither reads nor leaves any. ``then``: a
+        preempted job coming back (``Row.then``). Its room grows with its tokens
+        (``Batch.grows``), or holds all of them from now."""
+        assert len(self.rows) < self.row_capacity
         self._joined += 1
         root = self.prefix.root(salt) if self.prefix is not None and salt is not None else None
         row = Row(owner, prompt_ids, max_length, len(self.rows), self._joined, root=root, tokens=list(prompt_ids), then=then)
         self.rows.append(row)
+        self.cache.add(row, 0 if self.grows else max_length)
         return row
 
     def reuse(self, row: Row) -> int:
@@ -166,15 +191,16 @@ class Batch:
             self.prefix.leave(row)
         last = self.rows.pop()
         if last is not row:
-            self.cache.move(last.index, row.index, last.length)
             if self.states is not None:
                 self.states.move(last.index, row.index)
             last.index = row.index
             self.rows[row.index] = last
+        self.cache.release()
 
     def clear(self) -> None:
         """Every row leaves (the batch failed, or its model is unloaded)."""
         self.rows.clear()
+        self.cache.release()
 
     def feed(self, row: Row, token_id: int) -> None:
         """The token sampled from ``row``'s logits: the next step feeds it."""
@@ -192,6 +218,7 @@ class Batch:
         if self.states is not None:
             return self._forward_recurrent(chunks)
         decoding = [row for row in self.rows if row.next_id is not None]
+        self._fit(decoding, chunks)
         ids = [row.next_id for row in decoding]
         positions = [row.length for row in decoding]
         keep = list(range(len(decoding)))
@@ -200,7 +227,7 @@ class Batch:
         resumed = []
         # Prompts that start now first: packed_attention attends them together.
         for row, n in sorted(chunks.items(), key=lambda item: item[0].length > 0):
-            segments.append(Segment(row.index, row.length, n, len(ids)))
+            segments.append(Segment(row.start, row.length, n, len(ids)))
             ids.extend(row.prompt_ids[row.length : row.length + n])
             positions.extend(range(row.length, row.length + n))
             if row.length + n == len(row.prompt_ids):
@@ -209,8 +236,7 @@ class Batch:
                     ready.append(row)
                 else:
                     resumed.append(row)
-        layout = StepLayout(self.cache, len(self.rows), [s.index for s in decoding], [s.length for s in decoding],
-                            segments, self.device)
+        layout = StepLayout(self.cache, [row.start for row in decoding], [row.length for row in decoding], segments, self.device)
         with layout.active():
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
@@ -230,14 +256,21 @@ class Batch:
                 self.prefix.publish(row, self.cache, self.prefix_room)
         return ready, out.logits[0]
 
+    def _fit(self, decoding: list[Row], chunks: dict[Row, int]) -> None:
+        """Rooms for the step's tokens (the scheduler reserved the slots for them)."""
+        needs = {row: row.length + 1 for row in decoding}
+        needs.update((row, row.length + n) for row, n in chunks.items())
+        self.cache.fit(needs)
+
     def _forward_recurrent(self, chunks: dict[Row, int]) -> tuple[list[Row], torch.Tensor]:
         """``forward`` for a model with recurrent layers (worker/engine/recurrent_state.py):
         the decoding rows as one batch of one token each, then the prompt chunks
         (one batch per length), every forward with its rows' states."""
         ready, logits = [], []
         decoding = [row for row in self.rows if row.next_id is not None]
+        self._fit(decoding, chunks)
         if decoding:
-            layout = StepLayout(self.cache, len(self.rows), [r.index for r in decoding], [r.length for r in decoding], [], self.device)
+            layout = StepLayout(self.cache, [r.start for r in decoding], [r.length for r in decoding], [], self.device)
             logits.append(self._run(layout, decoding, [[r.next_id] for r in decoding], [[r.length] for r in decoding], True)[:, -1])
             ready.extend(decoding)
             for row in decoding:
@@ -248,8 +281,8 @@ class Batch:
         for row, n in sorted(chunks.items(), key=lambda item: item[0].joined):
             groups.setdefault((n, row.length > 0), []).append(row)
         for (n, continuing), rows in groups.items():
-            segments = [Segment(row.index, row.length, n, k * n) for k, row in enumerate(rows)]
-            layout = StepLayout(self.cache, len(self.rows), [], [], segments, self.device)
+            segments = [Segment(row.start, row.length, n, k * n) for k, row in enumerate(rows)]
+            layout = StepLayout(self.cache, [], [], segments, self.device)
             ids = [row.prompt_ids[row.length : row.length + n] for row in rows]
             out = self._run(layout, rows, ids, [list(range(row.length, row.length + n)) for row in rows], continuing)
             for row, row_logits in zip(rows, out):

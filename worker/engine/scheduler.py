@@ -7,17 +7,17 @@ the KV-cache budget. The budget goes to the prefilling prompts, shortest left fi
 prompt longer than what is left is prefilled in chunks over the next steps
 (chunked prefill), so the running streams keep getting a token every step.
 
-Memory: the batch's cache holds one row per sequence, as wide as the longest
-needs (worker/kv/cache.py), and that reservation is what the budget counts.
-On the attention-only packed path (``Batch.grows``) a row takes columns as its
-tokens arrive: a newcomer is admitted, FIFO, when its prompt and a watermark fit,
-and when the rows' next tokens do not fit, the newest row is preempted and its job
+Memory: the batch's cache is a pool of token slots in which each sequence holds a
+room of whole blocks (worker/kv/cache.py); the pool is what the budget counts.
+On the attention-only packed path (``Batch.grows``) a room grows as its tokens
+arrive: a newcomer is admitted, FIFO, when its prompt and a watermark fit, and
+when the rows' next tokens do not fit, the newest row is preempted and its job
 recomputed later from its tokens (``_grow``), as vLLM does. Hybrids and the "own"
-path reserve each row's whole ``prompt + max_tokens`` on joining and are never
+path hold each row's whole ``prompt + max_tokens`` from joining and are never
 preempted. A job that could not fit even alone is refused when it arrives
-(``ContextTooLarge``). Rows are reserved ahead (up to twice the live ones, within
-``max_batch`` and the budget), so a burst of newcomers does not reallocate the
-cache for each. The prefix cache holds what the rows leave of the budget and gives
+(``ContextTooLarge``). The pool is reserved ahead (for up to twice the live rows,
+within ``max_batch`` and the budget), so a burst of newcomers does not reallocate
+it for each. The prefix cache holds what the pool leaves of the budget and gives
 it back, least recently used first, when the rows need it.
 
 Prefix reuse: before its chunk, a prefilling row copies what the prefix cache holds
@@ -32,15 +32,15 @@ from collections.abc import Callable
 
 from worker.engine.batch import Batch, Row
 from worker.engine.running_job import RunningJob
-from worker.kv.cache import round_columns
+from worker.kv.cache import round_tokens
 
 #: How much larger than the base budget a step's prefill may be (``Scheduler.budget``).
 MAX_PREFILL_FACTOR = 4
 #: Steps a prefilling prompt can be passed over for shorter ones before it goes first.
 STARVED_STEPS = 4
-#: Columns a newcomer needs beyond its prompt to be admitted, so that the batch can
-#: decode a while before it must grow (or preempt): vLLM's watermark, in columns.
-WATERMARK_COLUMNS = 16
+#: Slots a newcomer needs beyond its prompt to be admitted, so that the batch can
+#: decode a while before it must grow (or preempt): vLLM's watermark, in tokens.
+WATERMARK_TOKENS = 16
 
 
 class ContextTooLarge(Exception):
@@ -62,7 +62,7 @@ class Scheduler:
         self.waiting: deque[RunningJob] = deque()
 
     def check_fits_alone(self, job: RunningJob, batch: Batch) -> None:
-        need, budget = batch.cache.reserved_bytes(1, round_columns(job.sequence.max_length)), self._kv_budget()
+        need, budget = batch.cache.reserved_bytes(round_tokens(job.sequence.max_length), 1), self._kv_budget()
         if need > budget:
             raise ContextTooLarge(
                 f"the prompt ({len(job.sequence.prompt_ids)} tokens) and max_tokens ({job.sequence.max_tokens}) need "
@@ -75,17 +75,16 @@ class Scheduler:
         prefilling row computes in this step. Rows may be preempted first (``_grow``)."""
         self._grow(batch)
         joining: list[RunningJob] = []
-        widest = max((batch.columns_now(row) for row in batch.rows), default=0)
+        held = self.committed(batch)
         while self.waiting and len(batch) < self.max_batch:
             job = self.waiting[0]
             prompt, then = job.resume or (job.sequence.prompt_ids, None)
-            need = len(prompt) + 1 + WATERMARK_COLUMNS if batch.grows else job.sequence.max_length
-            columns = round_columns(max(widest, need))
+            need = round_tokens(len(prompt) + 1 + WATERMARK_TOKENS if batch.grows else job.sequence.max_length)
             rows = len(batch) + 1
-            if rows > batch.cache.rows or columns > batch.cache.columns:
-                if not self._reserve(batch, rows, columns):
+            if rows > batch.row_capacity or held + need > batch.cache.capacity:
+                if not self._reserve(batch, rows, held + need):
                     break  # the oldest waits for room rather than being overtaken
-            widest = columns
+            held += need
             self.waiting.popleft()
             row = batch.add(job, prompt, job.sequence.max_length, job.cache_salt, then)
             if job.row is None:
@@ -112,20 +111,25 @@ class Scheduler:
             row.passed_over = 0
         return joining, chunks
 
+    @staticmethod
+    def committed(batch: Batch) -> int:
+        """The slots the rows hold or need for their next tokens, whichever is more."""
+        return sum(max(row.room, round_tokens(batch.room_now(row))) for row in batch.rows)
+
     def _grow(self, batch: Batch) -> None:
-        """Widens the cache for the rows' next tokens. Where the budget cannot (even
-        once cached prefix blocks are dropped), the newest row is preempted: it leaves,
-        and its job goes back to the front of the queue with the tokens it had, to be
+        """Grows the pool for the rows' next tokens. Where the budget cannot (even once
+        cached prefix blocks are dropped), the newest row is preempted: it leaves, and
+        its job goes back to the front of the queue with the tokens it had, to be
         recomputed when there is room (mostly found in the prefix cache then). Its
         client sees a pause, never an error or a token twice."""
         while batch.rows:
-            needed = max(batch.columns_now(row) for row in batch.rows)
-            if needed <= batch.cache.columns:
+            needed = self.committed(batch)
+            if needed <= batch.cache.capacity:
                 return
             # A quarter more than needed: one reallocation every few dozen tokens.
-            for columns in (round_columns(max(needed, batch.cache.columns * 5 // 4)), round_columns(needed)):
-                if self._room_for(batch, batch.cache.reserved_bytes(len(batch), columns), evict=True):
-                    batch.reserve(len(batch), columns)
+            for tokens in (max(needed, batch.cache.capacity * 5 // 4), needed):
+                if self._room_for(batch, batch.cache.reserved_bytes(tokens, len(batch)), evict=True):
+                    batch.reserve(len(batch), tokens)
                     return
             self._preempt(batch, max(batch.rows, key=lambda row: row.joined))
 
@@ -162,15 +166,16 @@ class Scheduler:
                 computing.add(block)
         return waiting
 
-    def _reserve(self, batch: Batch, rows: int, columns: int) -> bool:
-        """Grows the batch's reservation to ``rows`` × ``columns`` or more, if the
-        budget allows; rows ahead for the next newcomers where it allows that
-        without dropping cached prefix blocks."""
-        columns = max(columns, batch.cache.columns)
+    def _reserve(self, batch: Batch, rows: int, tokens: int) -> bool:
+        """Grows the batch's reservation to ``rows`` rows and ``tokens`` slots or more,
+        if the budget allows; ahead for the next newcomers (at the rows' mean need)
+        where it allows that without dropping cached prefix blocks."""
+        tokens = max(tokens, batch.cache.capacity)
         ahead = min(self.max_batch, max(rows, 2 * len(batch), rows + len(self.waiting) - 1))
-        for candidate, evict in ((ahead, False), (rows, True)):
-            if self._room_for(batch, batch.cache.reserved_bytes(candidate, columns), evict):
-                batch.reserve(candidate, columns)
+        for count, slots, evict in ((ahead, max(tokens * ahead // rows, batch.cache.capacity * 5 // 4), False),
+                                    (rows, tokens, True)):
+            if self._room_for(batch, batch.cache.reserved_bytes(slots, count), evict):
+                batch.reserve(max(count, batch.state_rows), slots)
                 return True
         return False
 
@@ -197,10 +202,9 @@ class Scheduler:
         if not len(batch):
             batch.reserve(0, 0)
             return
-        rows = len(batch)
-        columns = round_columns(max(batch.columns_now(row) for row in batch.rows))
-        if batch.cache.rows > 2 * rows or batch.cache.columns > 2 * columns:
-            batch.reserve(rows, columns)
+        rows, held = len(batch), self.committed(batch)
+        if batch.state_rows > 2 * rows or batch.cache.capacity > 2 * held:
+            batch.reserve(rows, held + held // 4)
 
     def budget(self, decoding: int, prefilling: int) -> int:
         """Prompt tokens to prefill in this step, beside ``decoding`` streams, with

@@ -18,6 +18,7 @@ import torch
 from worker.engine.batch import PATHS, Batch
 from worker.engine.recurrent_state import has_attention, text_config
 from worker.engine.unsupported import UnsupportedModel
+from worker.kv.cache import round_tokens
 
 #: The bar: measured on tiny random models, 0.99999+ on the path that is right for a
 #: family (float32 and bfloat16 alike); 0.07 for MiniMax on the packed path, whose
@@ -80,7 +81,7 @@ def _check(model) -> str:
 
 def _cosine(batch: Batch, prompts, sequences, own_logits) -> float:
     """The lowest cosine of the batch's logits and the model's own."""
-    batch.reserve(len(prompts), max(PROBE_LENGTHS) + PROBE_STEPS)
+    batch.reserve(len(prompts), len(prompts) * round_tokens(max(PROBE_LENGTHS) + PROBE_STEPS))
     chunks = {batch.add(k, prompt, len(prompt) + PROBE_STEPS): len(prompt) for k, prompt in enumerate(prompts)}
     worst = 1.0
     for step in range(PROBE_STEPS):

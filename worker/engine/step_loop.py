@@ -86,7 +86,7 @@ class Engine:
         self.batch = batch_for(model, prefix_seed)
         # The prefix cache may hold what the budget leaves beside the rows' reservation.
         prefix_cap = prefix_cap or default_cap(self.batch.device)
-        self.batch.prefix_room = lambda: max(0, min(prefix_cap, kv_budget() - self.batch.cache.reserved_bytes()))
+        self.batch.prefix_room = lambda: max(0, min(prefix_cap, kv_budget() - self.batch.reserved_bytes))
         self._counted = (0, 0, 0)  # the prefix cache's queries and hits, and the preemptions, last reported
         self.scheduler = Scheduler(max_batch, PREFILL_TOKENS.get(self.batch.device.type, 512), kv_budget, reclaim)
         self._writer = StepWriter(writer_connection)
@@ -130,7 +130,7 @@ class Engine:
         """The bytes the batch's cache has reserved and its prefix cache holds (what
         the memory budget counts)."""
         prefix = self.batch.prefix
-        return self.batch.cache.reserved_bytes() + (prefix.bytes if prefix is not None else 0)
+        return self.batch.reserved_bytes + (prefix.bytes if prefix is not None else 0)
 
     def reclaim(self, nbytes: int) -> int:
         """Drops cached prefix blocks (least recently used first) to free ``nbytes`` for

@@ -43,9 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Tokens per block, as in vLLM: a hit is rounded down to it, and each block costs
-#: one hash and one dictionary entry.
-BLOCK_TOKENS = 16
+from worker.kv.cache import BLOCK_TOKENS
 
 
 def chain_root(seed: str, salt: str) -> int:
@@ -152,7 +150,7 @@ class PrefixCache:
             offset = 0
             for k, part in enumerate(parts):
                 if part is not None:
-                    shape = (part.shape[1], BLOCK_TOKENS, part.shape[3])
+                    shape = (part.shape[0], BLOCK_TOKENS, part.shape[2])
                     self._layout.append((k, offset, shape))
                     offset += math.prod(shape)
             self._block_numel = offset
@@ -168,9 +166,9 @@ class PrefixCache:
                 slots.append(slot)
             j = first
             for arena, start, count in _runs(slots):
-                columns = slice(j * BLOCK_TOKENS, (j + count) * BLOCK_TOKENS)
+                columns = slice(row.start + j * BLOCK_TOKENS, row.start + (j + count) * BLOCK_TOKENS)
                 for k, offset, (heads, tokens, dim) in self._layout:
-                    source = parts[k][row.index, :, columns].view(heads, count, tokens, dim).transpose(0, 1)
+                    source = parts[k][:, columns].view(heads, count, tokens, dim).transpose(0, 1)
                     arena.data[start : start + count, offset : offset + heads * tokens * dim].view(count, heads, tokens, dim).copy_(source)
                 for slot in range(start, start + count):
                     arena.hashes[slot] = hashes[j]
@@ -255,7 +253,7 @@ class PrefixCache:
         n = min(len(blocks) * BLOCK_TOKENS, prompt - 1 - row.length)
         if n <= 0:
             return 0
-        cache.load(row.index, row.length, [self.parts(block) for block in blocks], n)
+        cache.load(row, row.length, [self.parts(block) for block in blocks], n)
         row.length += n
         row.cached += n
         row.published = max(row.published, first + len(blocks))
