@@ -3,21 +3,24 @@ values of shape [kv heads, slots, head dim], allocated in blocks of
 ``BLOCK_TOKENS`` tokens as the rows' tokens arrive.
 
 Each row holds one run of slots, its room (``Row.start``, ``Row.room``), so that a
-decode step attends over a contiguous view of each row: bench/prefix.py's
-attention microbenchmark (30 layers of the 135M-shaped model, 16 rows of 40–380
-tokens, this project's 2-core CPU) measured 13.5 ms a step for one sdpa per row
-over such views against 20.2 ms for gathering scattered blocks into a staging
-buffer for one batched sdpa, and 12.9 ms for the rectangular cache Hive used
-before, which reserved every row at the widest row's length (2.2× the live tokens
-at the median step of 16 mixed streams). On CUDA, where a call per row costs a
-kernel launch each, the decode gathers instead (worker/engine/packed_attention.py).
+decode step attends over contiguous views of the pool, not copies: on this
+project's 2-core CPU (``python -m bench.kv_attention``: 30 layers of the
+135M-shaped model, 16 rows of 40–380 tokens) gathering scattered 16-token blocks
+into a staging buffer for one batched sdpa cost 14.8 ms a step, one sdpa per room
+10.1 ms, and the rectangular cache Hive used before 9.0 ms, which reserved every
+row at the widest row's length (2.2× the live tokens at the median step of 16
+mixed streams). Rooms at a regular stride read as one strided view cost what the
+rectangular cache did (worker/engine/packed_attention.py groups them so).
 
 A step's new keys and values are written with one ``index_copy_`` per layer at
 their slots, whatever the mix of decodes and prompt chunks. A row that needs more
-room grows in place when it is the topmost, else moves to the top (one copy of its
-tokens), else the rows are packed down first (``_pack``); a row that leaves frees
-its room at once. What the rows hold is at most a block each beyond their tokens,
-plus the headroom of the last growth (an eighth).
+room grows in place where the slots after it are free (it is the topmost, or the
+row above it has left), else moves to the top (one copy of its tokens), else the
+rows are packed down first (``_pack``). What a row holds is at most a block beyond
+its tokens, plus the headroom of its last growth (an eighth). (A prefilling row
+given room for its whole prompt at once moved less, but held up to 1.56× the live
+tokens at the steps of 16 mixed streams where prompts were half computed, and was
+no faster on bench/prefix.py's shared waves.)
 
 The pool itself (``capacity``) is what the scheduler reserves against the memory
 budget, ahead of the rows' needs so that newcomers and growth rarely reallocate it;
@@ -137,15 +140,9 @@ class KVCache:
                 grow = wide
         if sum(grow.values()) - sum(row.room for row in grow) > free:
             raise RuntimeError(f"the KV cache's {self.capacity} slots cannot hold the rows' next tokens")
-        if 2 * sum(row.length for row in grow) >= sum(row.length for row in self.rows):
-            # Most of the tokens move anyway (rows that grew together, as a burst of
-            # equal prompts does): packing them costs at most twice, and keeps equal
-            # rooms at a regular stride, which the decode reads as one view.
-            self._pack(grow, self.capacity)
-            return
         for row, room in grow.items():
-            if row.start + row.room == self.top and row.start + room <= self.capacity:
-                self.top = row.start + room  # the topmost row grows in place
+            if row.start + room <= self._next_start(row):
+                self.top = max(self.top, row.start + room)  # in place, into the free slots after it
             elif self.top + room <= self.capacity:
                 self._move(row, self.top)
                 self.top += room
@@ -153,6 +150,11 @@ class KVCache:
                 self._pack(grow, self.capacity)
                 return
             row.room = room
+
+    def _next_start(self, row) -> int:
+        """Where the next room above ``row``'s starts (the pool's end if none does)."""
+        return min((other.start for other in self.rows if other.start > row.start or (other.start == row.start and other.room
+                    and other is not row)), default=self.capacity)
 
     def _uniform(self, needs: dict) -> bool:
         """Rows of about one length (a burst of equal prompts): every room made one size,
