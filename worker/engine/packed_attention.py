@@ -108,21 +108,20 @@ class StepLayout:
             CURRENT_LAYOUT.reset(token)
 
     def masks(self, window: int | None) -> tuple[tuple | None, torch.Tensor | None, list[torch.Tensor | None]]:
-        """The gathered decode's slots and mask ([rows, width] and [rows, 1, 1, width]),
-        the starting prompts' block-diagonal mask [1, 1, tokens, tokens] and each later
-        chunk's [1, 1, length, start + length] (True: attend); None where sdpa's own
-        causal or no mask is the same. ``window``: a sliding-window layer's span
+        """The decode's (gathered: its slots [rows, width] and mask; else each group's
+        mask, ``_decode_mask``), the starting prompts' block-diagonal mask [1, 1, tokens,
+        tokens] and each later chunk's [1, 1, length, start + length] (True: attend);
+        None where sdpa's own causal or no mask is the same. ``window``: a sliding-window layer's span
         (Mistral, Qwen2's window layers)."""
         if window not in self._masks:
-            decode = None
             if self._gather:
-                bases, allowed = self._decode_mask([base for base, _ in self._decode], [p for _, p in self._decode], window)
+                bases, positions = (torch.tensor(v, device=self._device)[:, None] for v in zip(*self._decode))
                 columns = torch.arange(self._width, device=self._device)[None, :]
                 # A masked column reads one of the row's own slots: finite, never another row's.
-                decode = bases + torch.minimum(columns, torch.tensor([p for _, p in self._decode], device=self._device)[:, None]), allowed
+                decode = bases + torch.minimum(columns, positions), self._decode_mask([p for _, p in self._decode], window)
             else:
-                decode = [self._decode_mask([self._decode[i][0] for i in group.rows], [self._decode[i][1] for i in group.rows],
-                                            window)[1] if len(group.rows) > 1 else None for group in self._groups]
+                decode = [self._decode_mask([self._decode[i][1] for i in group.rows], window) if len(group.rows) > 1 else None
+                          for group in self._groups]
             fresh = None
             if self.fresh:
                 owner = torch.cat([torch.full((s.length,), k, device=self._device) for k, s in enumerate(self.fresh)])
@@ -145,18 +144,17 @@ class StepLayout:
             self._masks[window] = (decode, fresh, segments)
         return self._masks[window]
 
-    def _decode_mask(self, bases: list[int], positions: list[int], window: int | None):
-        """Rows' first slots [rows, 1] and which of their ``width`` columns they attend
-        [rows, 1, 1, width] (None where that is all of them)."""
-        width = max(positions) + 1
+    def _decode_mask(self, positions: list[int], window: int | None) -> torch.Tensor | None:
+        """Which of their ``max(positions) + 1`` columns decoding rows attend
+        [rows, 1, 1, width]; None where that is all of them."""
         if window is None and len(set(positions)) == 1:
-            return torch.tensor(bases, device=self._device)[:, None], None
-        columns = torch.arange(width, device=self._device)[None, :]
-        positions = torch.tensor(positions, device=self._device)[:, None]
-        allowed = columns <= positions
+            return None
+        columns = torch.arange(max(positions) + 1, device=self._device)[None, :]
+        at = torch.tensor(positions, device=self._device)[:, None]
+        allowed = columns <= at
         if window is not None:
-            allowed &= columns > positions - window
-        return torch.tensor(bases, device=self._device)[:, None], allowed[:, None, None, :]
+            allowed &= columns > at - window
+        return allowed[:, None, None, :]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
                options: dict) -> torch.Tensor:
